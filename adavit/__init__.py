@@ -1,0 +1,6 @@
+"""AdaViT: Adaptive Vision Transformers on timm, with decisions that really skip work."""
+from .errors import AdaViTError, CheckpointError, ConfigError, InputError
+from .model import AdaViT, Decisions, convert_official_state_dict, load_checkpoint_file
+from .losses.usage import AdaViTLoss, distillation_loss, usage_loss
+
+__version__ = '0.1.0'
