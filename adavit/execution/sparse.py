@@ -5,7 +5,8 @@ Per block, for each sub-block (MSA, FFN):
 * only the images that run it are processed, and of those only their kept tokens, packed across the batch, so that
   token-wise layers (norms, linears, MLP) run once on a (T, D) matrix of real tokens;
 * images are grouped by their head pattern; a group's q, k, v, proj and (full deactivation) fc1 use only its kept
-  heads' weight slices, so a dropped head costs nothing;
+  heads' weights, so a dropped head costs nothing. Kept heads are taken as contiguous ranges, which are slices of the
+  (re-laid-out, cached) weights: no weight is gathered per batch;
 * attention runs per image over its kept tokens only: images of a group with equal token counts form a batch, others
   are padded to the group's longest and masked (the only wasted work, and only in the small T x T products).
 
@@ -13,7 +14,7 @@ The output equals the masked reference (``masked.py``) up to float rounding: a d
 multiplied by 0 there, so it passes through unchanged, and a kept query only ever sees kept keys.
 """
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ class HeadGroup:
     start: int
     end: int
     counts: List[int]  # kept tokens per image, in packed order
-    heads: Optional[torch.Tensor]  # kept head indices, or None for all heads
+    head_runs: Optional[List[Tuple[int, int]]]  # kept heads as contiguous ranges [a, b), or None for all heads
 
 
 @dataclass
@@ -34,6 +35,26 @@ class Packing:
     """Which rows of the flattened (B * N, D) tokens a sub-block processes, grouped by head pattern."""
     rows: Optional[torch.Tensor]  # (T,) row indices, or None when every row of the batch is processed in order
     groups: List[HeadGroup]
+
+    @property
+    def num_rows(self) -> int:
+        return self.groups[-1].end
+
+
+def head_runs(pattern: int, num_heads: int) -> List[Tuple[int, int]]:
+    """The kept heads of a bit pattern as contiguous ranges: 0b1101 -> [(0, 1), (2, 4)].
+
+    A range of heads is a contiguous slice of every weight matrix (in head-major layout), so it needs no gather.
+    """
+    runs, start = [], None
+    for h in range(num_heads + 1):
+        kept = h < num_heads and pattern >> h & 1
+        if kept and start is None:
+            start = h
+        elif not kept and start is not None:
+            runs.append((start, h))
+            start = None
+    return runs
 
 
 def pack_tokens(
@@ -55,21 +76,23 @@ def pack_tokens(
     Returns:
         The packing, or None when no image runs the sub-block.
     """
-    device = run.device if run is not None else tokens.device if tokens is not None else None
-    if run is None and tokens is None and (heads is None or bool(heads.all())):
+    device = next((t.device for t in (run, tokens, heads) if t is not None), None)
+    if heads is not None and bool(heads.all()):
+        heads = None
+    if run is None and tokens is None and heads is None:
         return Packing(None, [HeadGroup(0, batch_size * num_tokens, [num_tokens] * batch_size, None)])
 
     images = torch.arange(batch_size, device=device) if run is None else run.nonzero().squeeze(1)  # (n,)
     if images.numel() == 0:
         return None
+    patterns = sizes = None
     if heads is not None:
         head_bits = 1 << torch.arange(heads.shape[1], device=heads.device)
         codes = (heads[images].long() * head_bits).sum(1)  # (n,) one integer per head pattern
-        order = torch.argsort(codes, stable=True)
-        images, codes = images[order], codes[order]
+        if images.numel() > 1:
+            order = torch.argsort(codes, stable=True)
+            images, codes = images[order], codes[order]
         patterns, sizes = torch.unique_consecutive(codes, return_counts=True)
-    else:
-        patterns = sizes = None
 
     if tokens is None:
         counts = torch.full_like(images, num_tokens)
@@ -85,34 +108,83 @@ def pack_tokens(
         return Packing(rows, [HeadGroup(0, rows.numel(), counts_list, None)])
     groups, image_start, row_start = [], 0, 0
     num_heads = heads.shape[1]
-    all_heads = (1 << num_heads) - 1
     for pattern, size in zip(patterns.tolist(), sizes.tolist()):
         group_counts = counts_list[image_start:image_start + size]
         row_end = row_start + sum(group_counts)
-        kept_heads = None if pattern == all_heads else \
-            torch.tensor([h for h in range(num_heads) if pattern >> h & 1], dtype=torch.long, device=rows.device)
-        groups.append(HeadGroup(row_start, row_end, group_counts, kept_heads))
+        runs = None if pattern == (1 << num_heads) - 1 else head_runs(pattern, num_heads)
+        groups.append(HeadGroup(row_start, row_end, group_counts, runs))
         image_start, row_start = image_start + size, row_end
     return Packing(rows, groups)
 
 
-def _channels(kept_heads: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Channel indices (h * head_dim,) of the kept heads."""
-    return (kept_heads[:, None] * head_dim + torch.arange(head_dim, device=kept_heads.device)).flatten()
+def _cached(module: torch.nn.Module, name: str, make: Callable[[], Tuple[torch.Tensor, ...]]) -> Tuple[torch.Tensor, ...]:
+    """A re-laid-out copy of ``module``'s weights, remade whenever a weight changes (load_state_dict, training)."""
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in module.parameters(recurse=False))
+    cache = module.__dict__.get(name)
+    if cache is None or cache[0] != key:
+        with torch.no_grad():
+            cache = (key, make())
+        module.__dict__[name] = cache
+    return cache[1]
+
+
+def _head_major_qkv(qkv: torch.nn.Linear, num_heads: int, parts: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The first ``parts`` of q, k, v in head-major row order, [q_0; k_0; v_0; q_1; ...] for parts=3, ((H*parts*dh, D)).
+
+    Then the rows of a contiguous range of heads are one slice.
+    """
+    def make():
+        w = qkv.weight.view(3, num_heads, -1, qkv.in_features)[:parts]  # (parts, H, dh, D)
+        b = qkv.bias.view(3, num_heads, -1)[:parts] if qkv.bias is not None else None
+        return (w.transpose(0, 1).reshape(-1, qkv.in_features).contiguous(),
+                b.transpose(0, 1).reshape(-1).contiguous() if b is not None else None)
+    return _cached(qkv, f'_adavit_head_major_{parts}', make)
 
 
 def _transposed(linear: torch.nn.Linear) -> torch.Tensor:
-    """``linear.weight.t()`` as a contiguous (in, out) matrix, cached while the weight is unchanged.
+    """``linear.weight.t()`` as a contiguous (in, out) matrix: a range of input channels is then a row slice."""
+    return _cached(linear, '_adavit_transposed', lambda: (linear.weight.t().contiguous(),))[0]
 
-    Selecting input channels is then a row gather, which copies contiguous memory.
+
+def _linear_into(out: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """``out = x @ weight_t + bias``, written into ``out`` (a row slice of a larger buffer: no concatenation)."""
+    if bias is not None:
+        torch.addmm(bias, x, weight_t, out=out)
+    else:
+        torch.mm(x, weight_t, out=out)
+
+
+def _ranges_matmul_into(
+        out: torch.Tensor,
+        x: torch.Tensor,
+        weight_t: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        runs: List[Tuple[int, int]],
+        head_dim: int,
+        x_is_full_width: bool,
+) -> None:
+    """``out = x[:, kept channels] @ weight_t[kept channels] + bias``, one matmul per run of heads, accumulated.
+
+    Args:
+        out: (T, O) destination.
+        x: (T, D) inputs with every channel (``x_is_full_width``) or (T, w) with only the kept ones, in run order.
+        weight_t: (D, O) transposed weight; a run of heads is a row slice of it.
+        bias: (O,) or None.
+        runs: Kept head ranges.
+        head_dim: Channels per head.
     """
-    w = linear.weight
-    key = (w.data_ptr(), w._version, w.dtype, w.device)
-    cache = getattr(linear, '_adavit_transposed', None)
-    if cache is None or cache[0] != key:
-        cache = (key, w.detach().t().contiguous())
-        linear._adavit_transposed = cache
-    return cache[1]
+    if not runs:  # every input channel dropped: only the bias survives
+        out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
+        return
+    offset = 0
+    for i, (a, b) in enumerate(runs):
+        lo, hi = a * head_dim, b * head_dim
+        x_run = x[:, lo:hi] if x_is_full_width else x[:, offset:offset + hi - lo]
+        offset += hi - lo
+        if i == 0:
+            _linear_into(out, x_run, weight_t[lo:hi], bias)
+        else:
+            out.addmm_(x_run, weight_t[lo:hi])
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: List[int]) -> torch.Tensor:
@@ -128,14 +200,14 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: List[int]
     T, h, dh = q.shape
     n, longest = len(counts), max(counts)
     if longest * n == T:  # equal counts: a plain batch
-        q, k, v = (t.view(n, longest, h, dh).transpose(1, 2) for t in (q, k, v))  # (n, h, L, dh)
+        q, k, v = (t.reshape(n, longest, h, dh).transpose(1, 2) for t in (q, k, v))  # (n, h, L, dh)
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(T, h * dh)
     counts_t = torch.tensor(counts, device=q.device)
     starts = torch.cumsum(counts_t, 0) - counts_t
     image = torch.repeat_interleave(torch.arange(n, device=q.device), counts_t, output_size=T)
     slot = image * longest + torch.arange(T, device=q.device) - starts[image]  # (T,) row in the padded layout
     padded = q.new_zeros(3, n * longest, h, dh)
-    padded[:, slot] = torch.stack([q, k, v])
+    padded[0, slot], padded[1, slot], padded[2, slot] = q, k, v
     q, k, v = padded.view(3, n, longest, h, dh).transpose(2, 3).unbind(0)  # 3 x (n, h, L, dh)
     valid = torch.arange(longest, device=q.device)[None, :] < counts_t[:, None]  # (n, L) real keys
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])  # (n, h, L, dh)
@@ -149,63 +221,59 @@ def _msa(block: Block, x_normed: torch.Tensor, packing: Packing, head_mode: str)
     H, dh = attn.num_heads, attn.head_dim
     tokens = x_normed.reshape(-1, D)
     if packing.rows is not None:
-        tokens = tokens[packing.rows]  # (T, D)
-    outs = []
+        tokens = tokens.index_select(0, packing.rows)  # (T, D)
+    if len(packing.groups) == 1 and packing.groups[0].head_runs is None:  # every head: timm's own layers
+        q, k, v = attn.qkv(tokens).view(-1, 3, H, dh).unbind(1)  # 3 x (T, H, dh)
+        return attn.proj(_attend(attn.q_norm(q), attn.k_norm(k), v, packing.groups[0].counts))
+    out = tokens.new_empty(packing.num_rows, attn.proj.out_features)
+    proj_t = _transposed(attn.proj)  # (H*dh, D)
     for g in packing.groups:
-        x_g = tokens[g.start:g.end]  # (Tg, D)
-        if g.heads is None:
-            qkv = attn.qkv(x_g).view(-1, 3, H, dh)
+        x_g, out_g = tokens[g.start:g.end], out[g.start:g.end]  # (Tg, D)
+        if g.head_runs is None:
+            qkv = F.linear(x_g, attn.qkv.weight, attn.qkv.bias).view(-1, 3, H, dh)
             q, k, v = qkv.unbind(1)  # 3 x (Tg, H, dh)
-            o = _attend(attn.q_norm(q), attn.k_norm(k), v, g.counts)  # (Tg, H*dh)
-            outs.append(attn.proj(o))
+            _linear_into(out_g, _attend(attn.q_norm(q), attn.k_norm(k), v, g.counts), proj_t, attn.proj.bias)
             continue
-        channels = _channels(g.heads, dh)  # (w,)
-        h = g.heads.numel()
         if head_mode == 'full':
-            if h == 0:  # no head: only the proj bias survives
-                outs.append(attn.proj.bias.expand(x_g.shape[0], -1) if attn.proj.bias is not None
-                            else x_g.new_zeros(x_g.shape[0], D))
-                continue
-            select = torch.cat([channels, channels + H * dh, channels + 2 * H * dh])  # q, k, v rows of kept heads
-            qkv = F.linear(x_g, attn.qkv.weight[select], attn.qkv.bias[select] if attn.qkv.bias is not None else None)
-            q, k, v = qkv.view(-1, 3, h, dh).unbind(1)  # 3 x (Tg, h, dh)
-            o = _attend(attn.q_norm(q), attn.k_norm(k), v, g.counts)  # (Tg, h*dh)
-            weight_t = _transposed(attn.proj)[channels]  # (w, D)
-            outs.append(torch.addmm(attn.proj.bias, o, weight_t) if attn.proj.bias is not None else o @ weight_t)
+            w_qkv, b_qkv = _head_major_qkv(attn.qkv, H, parts=3)  # rows [q_h; k_h; v_h] per head
+            heads_out = []
+            for a, b in g.head_runs:
+                rows = slice(a * 3 * dh, b * 3 * dh)
+                qkv = F.linear(x_g, w_qkv[rows], b_qkv[rows] if b_qkv is not None else None).view(-1, b - a, 3, dh)
+                q, k, v = qkv.unbind(2)  # 3 x (Tg, heads in run, dh)
+                heads_out.append(_attend(attn.q_norm(q), attn.k_norm(k), v, g.counts))
+            o = heads_out[0] if len(heads_out) == 1 else x_g.new_empty(x_g.shape[0], 0) if not heads_out \
+                else torch.cat(heads_out, dim=1)  # (Tg, w)
+            _ranges_matmul_into(out_g, o, proj_t, attn.proj.bias, g.head_runs, dh, x_is_full_width=False)
         else:  # partial: a dropped head passes its values through, so v is needed at full width
-            select = torch.cat([channels, channels + H * dh, torch.arange(2 * H * dh, 3 * H * dh, device=x_g.device)])
-            qkv = F.linear(x_g, attn.qkv.weight[select], attn.qkv.bias[select] if attn.qkv.bias is not None else None)
-            q, k = qkv[:, :2 * h * dh].view(-1, 2, h, dh).unbind(1)  # 2 x (Tg, h, dh)
-            o = qkv[:, 2 * h * dh:].clone()  # (Tg, H*dh) values of every head
-            if h > 0:
-                v = o.view(-1, H, dh)[:, g.heads]  # (Tg, h, dh)
-                o[:, channels] = _attend(attn.q_norm(q), attn.k_norm(k), v, g.counts)
-            outs.append(attn.proj(o))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+            o = F.linear(x_g, attn.qkv.weight[2 * H * dh:], attn.qkv.bias[2 * H * dh:]
+                         if attn.qkv.bias is not None else None)  # (Tg, H*dh) values of every head
+            w_qk, b_qk = _head_major_qkv(attn.qkv, H, parts=2)  # rows [q_h; k_h] per head
+            for a, b in g.head_runs:
+                rows = slice(a * 2 * dh, b * 2 * dh)
+                qk = F.linear(x_g, w_qk[rows], b_qk[rows] if b_qk is not None else None).view(-1, b - a, 2, dh)
+                q, k = qk.unbind(2)  # 2 x (Tg, heads in run, dh)
+                v = o[:, a * dh:b * dh].reshape(-1, b - a, dh)
+                o[:, a * dh:b * dh] = _attend(attn.q_norm(q), attn.k_norm(k), v, g.counts)
+            _linear_into(out_g, o, proj_t, attn.proj.bias)
+    return out
 
 
 def _ffn(block: Block, x_ffn: torch.Tensor, packing: Packing, head_dim: int) -> torch.Tensor:
     """FFN outputs (before ``ls2``) of packed, not yet normed rows (T, D); fc1 reads only kept heads' channels."""
     mlp = block.mlp
     h2 = block.norm2(x_ffn)  # (T, D)
-    if len(packing.groups) == 1 and packing.groups[0].heads is None:
+    if len(packing.groups) == 1 and packing.groups[0].head_runs is None:
         return mlp(h2)
-    hidden = []
+    hidden = h2.new_empty(packing.num_rows, mlp.fc1.out_features)  # (T, R)
+    fc1_t = _transposed(mlp.fc1)  # (D, R)
     for g in packing.groups:
-        h_g = h2[g.start:g.end]
-        if g.heads is None:
-            hidden.append(mlp.fc1(h_g))
-        elif g.heads.numel() == 0:  # every input channel masked: only the fc1 bias survives
-            hidden.append(mlp.fc1.bias.expand(h_g.shape[0], -1) if mlp.fc1.bias is not None
-                          else h_g.new_zeros(h_g.shape[0], mlp.fc1.out_features))
+        h_g, hidden_g = h2[g.start:g.end], hidden[g.start:g.end]
+        if g.head_runs is None:
+            _linear_into(hidden_g, h_g, fc1_t, mlp.fc1.bias)
         else:
-            channels = _channels(g.heads, head_dim)
-            weight_t = _transposed(mlp.fc1)[channels]  # (w, R)
-            inputs = h_g[:, channels]  # (Tg, w)
-            hidden.append(torch.addmm(mlp.fc1.bias, inputs, weight_t) if mlp.fc1.bias is not None
-                          else inputs @ weight_t)
-    hid = hidden[0] if len(hidden) == 1 else torch.cat(hidden)  # (T, R)
-    return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(mlp.act(hid)))))
+            _ranges_matmul_into(hidden_g, h_g, fc1_t, mlp.fc1.bias, g.head_runs, head_dim, x_is_full_width=True)
+    return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(mlp.act(hidden)))))
 
 
 def _add_rows(x: torch.Tensor, rows: Optional[torch.Tensor], update: torch.Tensor) -> torch.Tensor:
