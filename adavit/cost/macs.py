@@ -27,8 +27,13 @@ def _embed_and_head_macs(model: VisionTransformer) -> int:
     return patch_embed + head
 
 
-def decision_macs(model: AdaViT, decisions: Decisions) -> torch.Tensor:
+def decision_macs(model: AdaViT, decisions: Decisions, gates_ran: bool = True) -> torch.Tensor:
     """MACs of each image under ``decisions`` (as returned by ``model(x, return_decisions=True)`` in eval).
+
+    Args:
+        model: The AdaViT that took the decisions.
+        decisions: Its decisions.
+        gates_ran: Whether the decision networks ran (not when the decisions were handed to the model).
 
     Returns:
         (B,) float64 tensor.
@@ -51,7 +56,7 @@ def decision_macs(model: AdaViT, decisions: Decisions) -> torch.Tensor:
         ffn = t * w * R + t * R * D
     total = (msa * decisions.block[..., 0].double() + ffn * decisions.block[..., 1].double()).sum(-1)  # (B,)
 
-    if model.policy == 'learned':  # the random policy evaluates no decision network
+    if gates_ran and model.policy == 'learned':  # the random policy evaluates no decision network
         gates = 0
         for blk in blocks:
             if blk.patch_gate is not None:
@@ -71,12 +76,13 @@ def macs(model: AdaViT, x: torch.Tensor, decisions: Optional[Decisions] = None) 
     Args:
         model: An AdaViT (for a plain timm ViT every image costs ``dense_macs``).
         x: Images, (B, C, H, W).
-        decisions: Decisions to cost instead of the model's own.
+        decisions: Decisions handed to the model instead of its own (then no decision network runs).
     """
     if not isinstance(model, AdaViT):
         return torch.full((x.shape[0],), float(dense_macs(model)), dtype=torch.float64)
-    if decisions is None:
-        _, decisions = model(x, return_decisions=True)
+    if decisions is not None:
+        return decision_macs(model, decisions, gates_ran=False)
+    _, decisions = model(x, return_decisions=True)
     return decision_macs(model, decisions)
 
 

@@ -183,8 +183,8 @@ def _ranges_matmul_into(
         offset += hi - lo
         if i == 0:
             _linear_into(out, x_run, weight_t[lo:hi], bias)
-        else:
-            out.addmm_(x_run, weight_t[lo:hi])
+        else:  # accumulate; the out= form (not addmm_) so that FlopCounterMode sees the work
+            torch.addmm(out, x_run, weight_t[lo:hi], out=out)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: List[int]) -> torch.Tensor:
@@ -277,14 +277,11 @@ def _ffn(block: Block, x_ffn: torch.Tensor, packing: Packing, head_dim: int) -> 
 
 
 def _add_rows(x: torch.Tensor, rows: Optional[torch.Tensor], update: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, N, D) with ``update`` (T, D) added at flattened ``rows`` (all rows when None); in place without grad."""
+    """``x`` (B, N, D) with ``update`` (T, D) added in place at flattened ``rows`` (at every row when None)."""
     B, N, D = x.shape
-    in_place = not torch.is_grad_enabled()
     if rows is None:
-        return x.add_(update.view(B, N, D)) if in_place else x + update.view(B, N, D)
-    flat = x.view(B * N, D)
-    flat = flat.index_add_(0, rows, update) if in_place else flat.index_add(0, rows, update)
-    return flat.view(B, N, D)
+        return x.add_(update.view(B, N, D))
+    return x.view(B * N, D).index_add_(0, rows, update).view(B, N, D)
 
 
 def sparse_block_forward(
@@ -298,9 +295,11 @@ def sparse_block_forward(
 ) -> torch.Tensor:
     """One timm ``Block`` under AdaViT decisions, computing only what they keep (same arguments as the masked one).
 
+    Inference only: run it under ``torch.no_grad()`` or ``torch.inference_mode()``.
+
     Args:
         block: The timm block, in eval mode.
-        x: Block input, (B, N, D); updated in place when gradients are off.
+        x: Block input, (B, N, D); updated in place.
         x_normed: ``block.norm1(x)``.
         patch_keep: (B, N) token decisions, or None.
         head_keep: (B, H) head decisions, or None.

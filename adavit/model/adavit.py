@@ -128,6 +128,7 @@ class AdaViT(VisionTransformer):
         if not self.has_class_token:
             raise ConfigError('AdaViT needs a class token (class_token=True): its decision networks read it')
 
+        self.vit_kwargs = dict(kwargs)  # the backbone's architecture, to build its dense twin
         self.adavit_config = dict(
             gates=list(gates), keep_layers=keep_layers, patch_start_layer=patch_start_layer,
             patch_threshold=patch_threshold, head_threshold=head_threshold, block_threshold=block_threshold,
@@ -249,7 +250,9 @@ class AdaViT(VisionTransformer):
         x = self.patch_drop(x)
         x = self.norm_pre(x)  # (B, N, D)
 
-        sparse = not self.training and self.executor == 'sparse'
+        # The sparse executor is for inference: with gradients on, eval runs the masked reference, whose gradients are
+        # exact (for saliency maps and the like).
+        sparse = not self.training and self.executor == 'sparse' and not torch.is_grad_enabled()
         if sparse:
             from ..execution.sparse import sparse_block_forward  # noqa: the sparse executor is eval-only
         taken: List[BlockDecisions] = []
@@ -296,6 +299,13 @@ class AdaViT(VisionTransformer):
             block=stack([d.block for d in taken], 2),
             patch_gated=self.patch_gated, head_gated=self.head_gated, block_gated=self.block_gated,
         )
+
+    def dense_twin(self) -> VisionTransformer:
+        """timm's plain ``VisionTransformer`` with this model's architecture and backbone weights, in the same mode."""
+        dense = VisionTransformer(**self.vit_kwargs)
+        own = {k: v for k, v in self.state_dict().items() if k in dense.state_dict()}
+        dense.load_state_dict(own)
+        return dense.to(next(self.parameters())).train(self.training)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loading

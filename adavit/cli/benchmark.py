@@ -1,0 +1,82 @@
+"""``adavit benchmark``: dense timm vs AdaViT sparse vs AdaViT masked, interleaved; prints a table, writes JSON."""
+import argparse
+import json
+import os
+import platform
+from typing import List
+
+import timm
+import torch
+
+from ..cost.benchmark import format_rows, measure_speed, rows_as_dicts
+from ..errors import ConfigError
+from ..model.adavit import AdaViT
+
+
+def _floats(text: str) -> List[float]:
+    return [float(v) for v in text.split(',')]
+
+
+def _ints(text: str) -> List[int]:
+    return [int(v) for v in text.split(',')]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--model', default='adavit_deit_small_patch16_224', help='registered AdaViT name')
+    parser.add_argument('--checkpoint', default=None, help='time a trained checkpoint with its own learned decisions')
+    parser.add_argument('--policy', choices=('random', 'keep-all'), default='random',
+                        help='decisions for --model: random at --keep (frozen per input), or keep everything')
+    parser.add_argument('--keep', type=_floats, default=[0.7, 0.7, 0.9],
+                        help='random keep probabilities patch,head,block (default about half the dense MACs)')
+    parser.add_argument('--batch-sizes', type=_ints, default=[1, 64])
+    parser.add_argument('--threads', type=int, default=None, help='torch threads (default: as torch starts)')
+    parser.add_argument('--device', default='cpu', help='cpu or cuda')
+    parser.add_argument('--dtype', choices=('fp32', 'bf16', 'fp16'), default='fp32')
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--images-per-round', type=int, default=64)
+    parser.add_argument('--json', default='benchmarks/results/speed.json', help='where to write the results')
+
+
+def build_model(args: argparse.Namespace) -> AdaViT:
+    if args.checkpoint:
+        from ..training.checkpoint import load_model
+        model = load_model(args.checkpoint)
+        if not isinstance(model, AdaViT):
+            raise ConfigError(f'{args.checkpoint} holds a dense model: benchmark needs an AdaViT checkpoint')
+        return model
+    if args.model not in timm.list_models('ada*'):
+        raise ConfigError(f'unknown model {args.model!r}: choose from {timm.list_models("ada*")}')
+    keep = [1.0, 1.0, 1.0] if args.policy == 'keep-all' else args.keep
+    if len(keep) != 3:
+        raise ConfigError(f'--keep takes three probabilities patch,head,block, got {args.keep}')
+    return timm.create_model(args.model, policy='random', random_keep=keep)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise ConfigError('--device cuda asked for, but torch sees no CUDA device')
+    model = build_model(args)
+    print(f'# {args.checkpoint or args.model}, decisions: '
+          f'{"learned" if args.checkpoint else args.policy}{"" if args.checkpoint else f" keep={model.random_keep}"}',
+          flush=True)
+    rows = measure_speed(model, args.batch_sizes, args.threads, args.device, args.dtype, args.warmup, args.repeats,
+                         args.images_per_round, log=None)
+    print(format_rows(rows))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        result = {
+            'model': args.checkpoint or args.model,
+            'decisions': 'learned' if args.checkpoint else args.policy,
+            'keep': None if args.checkpoint else list(model.random_keep),
+            'machine': {'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count(),
+                        'torch': torch.__version__, 'cuda': torch.cuda.get_device_name() if args.device != 'cpu'
+                        else None},
+            'rows': rows_as_dicts(rows),
+        }
+        tmp = args.json + '.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, args.json)
+        print(f'wrote {args.json}')
+    return 0

@@ -1,0 +1,190 @@
+"""Paired speed benchmark: dense timm vs AdaViT sparse vs AdaViT masked, same weights, same inputs, one process.
+
+Timings are interleaved (the three models take turns, in rotating order, round after round) after a warm-up, and
+reported as medians, because a shared machine is noisy. Decisions are frozen per input (the random policy is reseeded
+before each call), so the MACs quoted are exactly those of the timed runs.
+"""
+import contextlib
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..model.adavit import AdaViT
+from .macs import decision_macs, dense_macs
+
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+@dataclass
+class SpeedRow:
+    """One batch size's result. Times are per batch, in milliseconds; MACs per image, in GMACs."""
+    batch_size: int
+    threads: int
+    device: str
+    dtype: str
+    dense_ms: float
+    sparse_ms: float
+    masked_ms: float
+    dense_images_per_s: float
+    sparse_images_per_s: float
+    masked_images_per_s: float
+    dense_gmacs: float
+    adaptive_gmacs: float
+    mac_ratio: float  # dense MACs / adaptive MACs: the speedup the cost promises
+    speedup: float  # dense time / sparse time
+    masked_speedup: float  # dense time / masked time
+    efficiency: float  # speedup / mac_ratio: the share of the promised speedup delivered
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _timer(model: nn.Module, inputs: List[torch.Tensor], reseed: bool, device: torch.device) -> Callable[[], float]:
+    """A closure that runs ``model`` over every input once and returns the seconds it took."""
+    def run() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        for i, x in enumerate(inputs):
+            if reseed:
+                model.reset_random_policy(i)
+            model(x)
+        _sync(device)
+        return time.perf_counter() - start
+    return run
+
+
+@torch.no_grad()
+def measure_speed(
+        model: AdaViT,
+        batch_sizes: Sequence[int] = (1, 64),
+        threads: Optional[int] = None,
+        device: str = 'cpu',
+        dtype: str = 'fp32',
+        warmup: int = 2,
+        repeats: int = 5,
+        images_per_round: int = 64,
+        max_inputs: int = 8,
+        seed: int = 0,
+        log: Optional[Callable[[str], None]] = None,
+) -> List[SpeedRow]:
+    """Time the dense twin, the sparse executor and the masked executor of ``model`` at each batch size.
+
+    Args:
+        model: An AdaViT. With ``policy="random"`` its decisions are reseeded per input, so each input always gets
+            the same decisions; with learned gates the decisions follow from the input.
+        batch_sizes: Batch sizes to time.
+        threads: ``torch.set_num_threads`` for the run (None: leave as is).
+        device: ``"cpu"`` or ``"cuda"``.
+        dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"``: weights and inputs are cast to it.
+        warmup: Untimed rounds first.
+        repeats: Timed rounds; the median is reported.
+        images_per_round: A round covers about this many images (at least one batch), so that small batches are
+            timed over several inputs with different decisions.
+        max_inputs: At most this many distinct input batches per round.
+        seed: Seed of the random inputs.
+        log: Called with a progress line per batch size.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    cast = DTYPES[dtype]
+    model = model.eval().to(dev, cast)
+    dense = model.dense_twin().eval().to(dev, cast)
+    reseed = model.policy == 'random'
+    in_chans = model.patch_embed.proj.in_channels
+    height, width = model.patch_embed.img_size
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for batch_size in batch_sizes:
+        count = max(1, min(max_inputs, images_per_round // batch_size))
+        inputs = [torch.randn(batch_size, in_chans, height, width, generator=generator).to(dev, cast)
+                  for _ in range(count)]
+        adaptive = []
+        for i, x in enumerate(inputs):
+            if reseed:
+                model.reset_random_policy(i)
+            _, decisions = model(x, return_decisions=True)
+            adaptive.append(decision_macs(model, decisions))
+        adaptive_macs = torch.cat(adaptive).mean().item()
+        runs: Dict[str, Callable[[], float]] = {'dense': _timer(dense, inputs, False, dev)}
+        for executor in ('sparse', 'masked'):
+            twin = _ExecutorView(model, executor)
+            runs[executor] = _timer(twin, inputs, reseed, dev)
+        times: Dict[str, List[float]] = {name: [] for name in runs}
+        names = list(runs)
+        for round_index in range(warmup + repeats):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:  # rotate who goes first: no model always runs warm
+                seconds = runs[name]()
+                if round_index >= warmup:
+                    times[name].append(seconds / count)
+        med = {name: statistics.median(values) for name, values in times.items()}
+        dense_g = dense_macs(dense) / 1e9
+        mac_ratio = dense_g * 1e9 / adaptive_macs
+        row = SpeedRow(
+            batch_size=batch_size, threads=torch.get_num_threads(), device=str(dev), dtype=dtype,
+            dense_ms=med['dense'] * 1e3, sparse_ms=med['sparse'] * 1e3, masked_ms=med['masked'] * 1e3,
+            dense_images_per_s=batch_size / med['dense'], sparse_images_per_s=batch_size / med['sparse'],
+            masked_images_per_s=batch_size / med['masked'],
+            dense_gmacs=dense_g, adaptive_gmacs=adaptive_macs / 1e9, mac_ratio=mac_ratio,
+            speedup=med['dense'] / med['sparse'], masked_speedup=med['dense'] / med['masked'],
+            efficiency=med['dense'] / med['sparse'] / mac_ratio,
+        )
+        rows.append(row)
+        if log is not None:
+            log(format_rows([row], header=False))
+    return rows
+
+
+class _ExecutorView:
+    """Calls ``model`` with a given executor, restoring the model's own afterwards."""
+
+    def __init__(self, model: AdaViT, executor: str) -> None:
+        self.model, self.executor = model, executor
+
+    def reset_random_policy(self, seed: int) -> None:
+        self.model.reset_random_policy(seed)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with use_executor(self.model, self.executor):
+            return self.model(x)
+
+
+@contextlib.contextmanager
+def use_executor(model: AdaViT, executor: str):
+    """Temporarily switch ``model.executor``."""
+    previous = model.executor
+    model.executor = executor
+    try:
+        yield model
+    finally:
+        model.executor = previous
+
+
+_COLUMNS = (
+    ('batch', 'batch_size', '{:d}'), ('thr', 'threads', '{:d}'), ('device', 'device', '{}'), ('dtype', 'dtype', '{}'),
+    ('dense img/s', 'dense_images_per_s', '{:.1f}'), ('sparse img/s', 'sparse_images_per_s', '{:.1f}'),
+    ('masked img/s', 'masked_images_per_s', '{:.1f}'), ('dense ms', 'dense_ms', '{:.1f}'),
+    ('sparse ms', 'sparse_ms', '{:.1f}'), ('GMACs', 'adaptive_gmacs', '{:.3f}'), ('dense GMACs', 'dense_gmacs', '{:.3f}'),
+    ('MAC ratio', 'mac_ratio', '{:.2f}'), ('speedup', 'speedup', '{:.2f}'), ('masked', 'masked_speedup', '{:.2f}'),
+    ('efficiency', 'efficiency', '{:.2f}'),
+)
+
+
+def format_rows(rows: Sequence[SpeedRow], header: bool = True) -> str:
+    """A fixed-width table of ``rows``."""
+    cells = [[fmt.format(getattr(r, key)) for _, key, fmt in _COLUMNS] for r in rows]
+    widths = [max([len(title)] + [len(c[i]) for c in cells]) for i, (title, _, _) in enumerate(_COLUMNS)]
+    lines = ['  '.join(t.rjust(w) for (t, _, _), w in zip(_COLUMNS, widths))] if header else []
+    lines += ['  '.join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    return '\n'.join(lines)
+
+
+def rows_as_dicts(rows: Sequence[SpeedRow]) -> List[dict]:
+    return [asdict(r) for r in rows]

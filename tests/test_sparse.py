@@ -1,0 +1,176 @@
+"""The sparse executor: same decisions and logits as the masked reference, and MACs that FlopCounterMode confirms."""
+import itertools
+
+import pytest
+import timm
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import adavit
+from adavit import AdaViT, Decisions
+from adavit.cost.macs import decision_macs, dense_macs, macs
+from adavit.execution.sparse import head_runs, pack_tokens
+
+TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=4, num_classes=7)
+NUM_TOKENS = 65  # 8 x 8 patches + class token
+
+
+def _random_decisions(batch: int, depth: int = 4, heads: int = 4, seed: int = 0, edge: str = '') -> Decisions:
+    """Random {0, 1} decisions with per-image keep-rates; ``edge`` forces one of the edge cases on some images."""
+    g = torch.Generator().manual_seed(seed)
+    patch = (torch.rand(batch, depth, NUM_TOKENS, generator=g) < torch.rand(batch, 1, 1, generator=g)).float()
+    head = (torch.rand(batch, depth, heads, generator=g) < 0.5).float()
+    block = (torch.rand(batch, depth, 2, generator=g) < 0.6).float()
+    if edge == 'mixed':  # image 0: no patch; image 1: no head with MSA on; image 2: MSA off, FFN on
+        patch[0, :, 1:] = 0
+        head[min(1, batch - 1)] = 0
+        block[min(1, batch - 1), :, 0] = 1
+        block[min(2, batch - 1)] = torch.tensor([0.0, 1.0])
+    elif edge == 'all_skipped':
+        block.zero_()
+    elif edge == 'no_patch':
+        patch[:, :, 1:] = 0
+    elif edge == 'no_head':
+        head.zero_()
+        block.fill_(1.0)
+    patch[..., 0] = 1.0  # the class token is never dropped
+    gated = torch.ones(depth, dtype=torch.bool)
+    return Decisions(patch, head, block, gated, gated, gated)
+
+
+def _both(model: AdaViT, x: torch.Tensor, decisions=None):
+    with torch.no_grad():
+        model.executor = 'masked'
+        masked = model(x, return_decisions=True, decisions=decisions)
+        model.executor = 'sparse'
+        sparse = model(x, return_decisions=True, decisions=decisions)
+    return masked, sparse
+
+
+@pytest.mark.parametrize('head_mode,patch_policy', list(itertools.product(['full', 'partial'], ['token', 'cls'])))
+@pytest.mark.parametrize('batch', [1, 2, 7, 64])
+def test_sparse_matches_masked_on_random_decisions(head_mode, patch_policy, batch):
+    model = AdaViT(head_mode=head_mode, patch_policy=patch_policy, **TINY).eval()
+    edges = ['', 'mixed', 'all_skipped', 'no_patch', 'no_head'] if batch in (1, 7) else ['', 'mixed']
+    for seed, edge in enumerate(edges):
+        decisions = _random_decisions(batch, seed=seed, edge=edge)
+        x = torch.randn(batch, 3, 32, 32)
+        (masked, _), (sparse, _) = _both(model, x, decisions)
+        assert torch.allclose(masked, sparse, atol=1e-4, rtol=0), (edge, (masked - sparse).abs().max())
+
+
+@pytest.mark.parametrize('head_mode,patch_policy', list(itertools.product(['full', 'partial'], ['token', 'cls'])))
+def test_sparse_matches_masked_with_learned_gates(head_mode, patch_policy):
+    """The model's own decisions: identical in both executors, and varied across the batch."""
+    model = AdaViT(head_mode=head_mode, patch_policy=patch_policy, **TINY).eval()
+    with torch.no_grad():
+        for blk in model.blocks:
+            for gate in (blk.patch_gate, blk.head_gate, blk.block_gate):
+                if gate is not None:
+                    gate.weight.normal_(0, 0.3)
+                    gate.bias.fill_(0.4)
+    x = torch.randn(16, 3, 32, 32)
+    (masked, d_masked), (sparse, d_sparse) = _both(model, x)
+    assert torch.equal(d_masked.patch, d_sparse.patch)
+    assert torch.equal(d_masked.head, d_sparse.head) and torch.equal(d_masked.block, d_sparse.block)
+    assert 0.05 < d_sparse.patch[:, :, 1:].mean() < 0.95
+    assert d_sparse.patch[:, :, 1:].sum(-1).std() > 0  # images keep different numbers of patches
+    assert torch.allclose(masked, sparse, atol=1e-4, rtol=0)
+
+
+def test_sparse_after_official_checkpoint():
+    """An official-format state dict, converted, gives the same logits in both executors."""
+    source = AdaViT(**TINY)
+    official = {}
+    for key, value in source.state_dict().items():
+        if '.attn.qkv.' in key:
+            for name, part in zip(('query', 'key', 'value'), value.chunk(3, dim=0)):
+                official['module.' + key.replace('qkv', name)] = part
+            continue
+        key = key.replace('.patch_gate.', '.attn.token_select.mlp_head.')
+        key = key.replace('.head_gate.', '.head_select.mlp_head.').replace('.block_gate.', '.layer_select.mlp_head.')
+        official['module.' + key] = value
+    for key in official:  # about half kept: patches by their own tokens, heads and blocks by the class token
+        if key.endswith('mlp_head.bias'):
+            official[key] = torch.full_like(official[key], 0.45 if 'token_select' in key else 0.0)
+        elif key.endswith('mlp_head.weight'):
+            official[key] = torch.randn_like(official[key]) * (0.2 if 'token_select' in key else 20.0)
+    model = AdaViT(**TINY).eval()
+    model.load_state_dict(adavit.convert_official_state_dict({'state_dict_ema': official}))
+    (masked, d), (sparse, _) = _both(model, torch.randn(9, 3, 32, 32))
+    assert 0.05 < d.patch[:, :, 1:].mean() < 0.95 and 0.05 < d.head[:, 1:].mean() < 0.95
+    assert torch.allclose(masked, sparse, atol=1e-4, rtol=0)
+
+
+def test_eval_with_gradients_on_uses_the_exact_masked_path():
+    """Sparse execution is for inference; with gradients on, eval falls back to masking and gradients flow."""
+    model = AdaViT(**TINY).eval()
+    x = torch.randn(3, 3, 32, 32)
+    decisions = _random_decisions(3, seed=3)
+    out = model(x, decisions=decisions)
+    out.sum().backward()
+    assert model.head.weight.grad is not None and model.blocks[2].attn.qkv.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.allclose(out.detach(), model(x, decisions=decisions), atol=1e-4)
+
+
+def test_pack_tokens_groups_by_head_pattern():
+    run = torch.tensor([True, False, True, True])
+    tokens = torch.tensor([[1, 1, 0], [1, 0, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    heads = torch.tensor([[1, 0, 1], [1, 1, 1], [1, 1, 1], [1, 0, 1]], dtype=torch.bool)
+    packing = pack_tokens(run, tokens, heads, num_tokens=3, batch_size=4)
+    # images 0 and 3 share pattern 0b101 (code 5), image 2 keeps every head (code 7): sorted by code
+    assert packing.rows.tolist() == [0, 1, 9, 10, 11, 6]
+    assert [(g.start, g.end, g.counts, g.head_runs) for g in packing.groups] == \
+        [(0, 5, [2, 3], [(0, 1), (2, 3)]), (5, 6, [1], None)]
+    assert pack_tokens(torch.zeros(4, dtype=torch.bool), tokens, heads, 3, 4) is None
+    assert pack_tokens(None, None, torch.ones(4, 3, dtype=torch.bool), 3, 4).rows is None
+    assert head_runs(0b1101, 4) == [(0, 1), (2, 4)] and head_runs(0, 4) == [] and head_runs(0b1111, 4) == [(0, 4)]
+
+
+def _flop_counted_macs(model: AdaViT, x: torch.Tensor, decisions=None) -> float:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, decisions=decisions)
+    return counter.get_total_flops() / 2  # FLOPs count a multiply and an add apart
+
+
+@pytest.mark.parametrize('head_mode,patch_policy', list(itertools.product(['full', 'partial'], ['token', 'cls'])))
+def test_macs_equal_flop_counter_on_sparse_executor(head_mode, patch_policy):
+    model = AdaViT(head_mode=head_mode, patch_policy=patch_policy, **TINY).eval()
+    for seed, edge in enumerate(['', 'mixed', 'no_patch', 'no_head', 'all_skipped']):
+        decisions = _random_decisions(1, seed=seed, edge=edge)
+        x = torch.randn(1, 3, 32, 32)
+        counted = _flop_counted_macs(model, x, decisions)
+        predicted = decision_macs(model, decisions, gates_ran=False).item()
+        assert macs(model, x, decisions).item() == predicted
+        assert predicted == pytest.approx(counted, rel=0.01), edge
+    # the model's own decisions, including the decision networks' cost
+    x = torch.randn(1, 3, 32, 32)
+    assert macs(model, x).item() == pytest.approx(_flop_counted_macs(model, x), rel=0.01)
+
+
+def test_macs_of_deit_small():
+    """The dense DeiT-S is 4.6 GMACs, and a keep-everything AdaViT costs that plus its decision networks."""
+    model = timm.create_model('adavit_deit_small_patch16_224').eval()
+    assert dense_macs(model) / 1e9 == pytest.approx(4.6, abs=0.05)
+    assert dense_macs(timm.create_model('deit_small_patch16_224')) == dense_macs(model)
+    assert dense_macs(timm.create_model('adavit_deit_tiny_patch16_224')) / 1e9 == pytest.approx(1.3, abs=0.05)
+    assert dense_macs(timm.create_model('adavit_deit_base_patch16_224')) / 1e9 == pytest.approx(17.6, abs=0.05)
+    ones = torch.ones(1, 12, 197), torch.ones(1, 12, 6), torch.ones(1, 12, 2)
+    gated = torch.ones(12, dtype=torch.bool)
+    everything = Decisions(*ones, gated, gated, gated)
+    gates = 12 * 196 * 384 + 11 * (384 * 6 + 384 * 2)  # patch gate on every block, head and block gates from 1 on
+    assert decision_macs(model, everything).item() == dense_macs(model) + gates
+    assert decision_macs(model, everything, gates_ran=False).item() == dense_macs(model)
+    counted = _flop_counted_macs(model, torch.randn(1, 3, 224, 224), everything)
+    assert counted == pytest.approx(dense_macs(model), rel=0.01)
+    with torch.no_grad():  # learned gates that keep everything: the decision networks run and are counted
+        for blk in model.blocks:
+            for gate in (blk.patch_gate, blk.head_gate, blk.block_gate):
+                if gate is not None:
+                    gate.weight.zero_()
+                    gate.bias.fill_(10.0)
+    x = torch.randn(1, 3, 224, 224)
+    assert macs(model, x).item() == dense_macs(model) + gates
+    assert _flop_counted_macs(model, x) == pytest.approx(dense_macs(model) + gates, rel=0.01)
