@@ -2,5 +2,7 @@
 from .errors import AdaViTError, CheckpointError, ConfigError, InputError
 from .model import AdaViT, Decisions, convert_official_state_dict, load_checkpoint_file
 from .losses.usage import AdaViTLoss, distillation_loss, usage_loss
+from .cost.macs import decision_macs, dense_macs, macs
+from .gates.budget import calibrate_thresholds
 
 __version__ = '0.1.0'

@@ -174,3 +174,23 @@ def test_macs_of_deit_small():
     x = torch.randn(1, 3, 224, 224)
     assert macs(model, x).item() == dense_macs(model) + gates
     assert _flop_counted_macs(model, x) == pytest.approx(dense_macs(model) + gates, rel=0.01)
+
+
+def test_calibrate_thresholds_hits_target_keep_rates():
+    from adavit.gates.budget import calibrate_thresholds
+    model = AdaViT(**TINY).eval()
+    with torch.no_grad():
+        for blk in model.blocks:
+            for gate in (blk.patch_gate, blk.head_gate, blk.block_gate):
+                if gate is not None:
+                    gate.weight.normal_(0, 0.5 if gate is blk.patch_gate else 20.0)
+    images = torch.randn(32, 3, 32, 32)
+    reached = calibrate_thresholds(model, images, patch=0.5, head=0.75)
+    assert reached['patch'] == pytest.approx(0.5, abs=0.03)
+    assert reached['head'] == pytest.approx(0.75, abs=0.06)
+    assert model.patch_threshold == reached['patch_threshold'] and model.block_threshold == 0.5
+    cheaper = calibrate_thresholds(model, images, patch=0.25)
+    assert cheaper['patch'] == pytest.approx(0.25, abs=0.03)
+    assert cheaper['patch_threshold'] > reached['patch_threshold']
+    with pytest.raises(adavit.ConfigError):
+        calibrate_thresholds(model, images, patch=1.5)

@@ -1,0 +1,78 @@
+"""The run-time budget knob: move the decision thresholds of a trained model to trade accuracy for cost.
+
+``AdaViT.set_thresholds`` shifts thresholds directly; ``calibrate_thresholds`` finds the thresholds that give target
+keep-rates on sample images, so one trained model traces a whole accuracy-versus-cost curve without retraining.
+"""
+from typing import Dict, Optional
+
+import torch
+
+from ..errors import ConfigError
+from ..model.adavit import AdaViT, Decisions
+
+
+def eval_keep_rates(decisions: Decisions, num_prefix_tokens: int = 1) -> Dict[str, float]:
+    """Mean eval keep-rates over gated blocks: patches (prefix tokens left out), heads, and MSA/FFN sub-blocks."""
+    rates = {}
+    if decisions.patch_gated.any():
+        rates['patch'] = decisions.patch[:, decisions.patch_gated, num_prefix_tokens:].mean().item()
+    if decisions.head_gated.any():
+        rates['head'] = decisions.head[:, decisions.head_gated].mean().item()
+    if decisions.block_gated.any():
+        rates['block'] = decisions.block[:, decisions.block_gated].mean().item()
+    return rates
+
+
+@torch.no_grad()
+def calibrate_thresholds(
+        model: AdaViT,
+        images: torch.Tensor,
+        patch: Optional[float] = None,
+        head: Optional[float] = None,
+        block: Optional[float] = None,
+        steps: int = 12,
+        rounds: int = 2,
+) -> Dict[str, float]:
+    """Set the thresholds so that ``model`` keeps the target fractions of patches, heads and sub-blocks on ``images``.
+
+    Each kind is found by bisection on its threshold (the keep-rate falls as the threshold rises); as the kinds
+    influence each other through the features, the search is repeated ``rounds`` times.
+
+    Args:
+        model: A trained AdaViT with the learned policy; it is left in eval mode with the new thresholds.
+        images: Calibration images, (B, C, H, W), ideally a few hundred from the target data.
+        patch: Target fraction of patch tokens kept (class token left out), or None to leave the threshold.
+        head: Target fraction of heads kept, or None.
+        block: Target fraction of MSA/FFN sub-blocks run, or None.
+        steps: Bisection steps per kind and round.
+        rounds: Passes over the kinds.
+
+    Returns:
+        The keep-rates reached, with the thresholds set (``patch_threshold`` ...).
+    """
+    if model.policy != 'learned':
+        raise ConfigError('calibrate_thresholds needs the learned policy: the random policy has no thresholds')
+    targets = {k: v for k, v in (('patch', patch), ('head', head), ('block', block)) if v is not None}
+    for kind, target in targets.items():
+        if not 0.0 <= target <= 1.0:
+            raise ConfigError(f'target {kind} keep-rate must lie in [0, 1], got {target}')
+    model.eval()
+
+    def rates() -> Dict[str, float]:
+        _, decisions = model(images, return_decisions=True)
+        return eval_keep_rates(decisions, model.num_prefix_tokens)
+
+    for _ in range(rounds):
+        for kind, target in targets.items():
+            low, high = 0.0, 1.0  # keep-rate(low) >= target >= keep-rate(high)
+            for _ in range(steps):
+                middle = (low + high) / 2
+                model.set_thresholds(**{kind: middle})
+                if rates().get(kind, target) > target:
+                    low = middle
+                else:
+                    high = middle
+            model.set_thresholds(**{kind: (low + high) / 2})
+    reached = rates()
+    reached.update({f'{k}_threshold': getattr(model, f'{k}_threshold') for k in ('patch', 'head', 'block')})
+    return reached
