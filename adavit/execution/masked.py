@@ -64,32 +64,49 @@ def masked_block_forward(
     q, k = attn.q_norm(q), attn.k_norm(k)
     mask = attention_mask_from_patches(patch_keep) if patch_keep is not None else None  # (B, 1, N, N)
     dropout_p = attn.attn_drop.p if block.training else 0.0
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, N, dh)
     if partial_heads:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-        if mask is not None:
-            logits = logits.masked_fill(~mask, float('-inf'))
-        probs = attn.attn_drop(logits.softmax(dim=-1))
         # A dropped head passes its values through: its attention map becomes the identity, after patch masking.
-        eye = torch.eye(N, dtype=probs.dtype, device=probs.device)
+        # (h A + (1 - h) I) v = h (A v) + (1 - h) v, so the fused kernel still does the work and no (N, N) map is
+        # materialised; values and gradients (to h as well) are those of the explicit form.
         h = head_keep[:, :, None, None]
-        o = (h * probs + (1.0 - h) * eye) @ v
-    else:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        o = h * o + (1.0 - h) * v
     o = attn.norm(o.transpose(1, 2).reshape(B, N, H * dh))  # (B, N, H*dh)
     if full_heads:
         o = o * channel_keep
-    o = attn.proj_drop(attn.proj(o))
-    if token_scale is not None:
-        o = o * token_scale
-    o = block.ls1(o)
-    # Stochastic depth only where no block gate decides: a gated sub-block already has its own stochastic skip.
-    x = x + (block.drop_path1(o) if block_keep is None else block_keep[:, 0, None, None] * o)
+    o = block.ls1(attn.proj_drop(attn.proj(o)))
+    x = _add_scaled(x, o, token_scale, None if block_keep is None else block_keep[:, 0], block.drop_path1)
 
     h2 = block.norm2(x)
     if full_heads:
         h2 = h2 * channel_keep
-    f = block.mlp(h2)
+    f = block.ls2(block.mlp(h2))
+    return _add_scaled(x, f, token_scale, None if block_keep is None else block_keep[:, 1], block.drop_path2)
+
+
+def _add_scaled(
+        x: torch.Tensor,
+        out: torch.Tensor,
+        token_scale: Optional[torch.Tensor],
+        sub_block_keep: Optional[torch.Tensor],
+        drop_path: torch.nn.Module,
+) -> torch.Tensor:
+    """``x + sub_block_keep * (out * token_scale)``, the residual update of one sub-block.
+
+    The two decisions are multiplied together first, on a (B, N, 1) tensor, and applied in one fused ``addcmul``: one
+    pass over the (B, N, D) output instead of three, in the backward pass too. Decisions are exactly 0 or 1, so the
+    values are bitwise those of the separate products, and the gradients are the same sums.
+
+    Args:
+        x: Residual stream, (B, N, D).
+        out: Sub-block output (after layer scale), (B, N, D).
+        token_scale: Patch decisions (B, N, 1), or None.
+        sub_block_keep: This sub-block's decisions (B,), or None: then stochastic depth applies (no gate decides).
+        drop_path: The block's stochastic depth for this sub-block.
+    """
+    if sub_block_keep is None:
+        return x + drop_path(out if token_scale is None else out * token_scale)
+    scale = sub_block_keep[:, None, None]  # (B, 1, 1)
     if token_scale is not None:
-        f = f * token_scale
-    f = block.ls2(f)
-    return x + (block.drop_path2(f) if block_keep is None else block_keep[:, 1, None, None] * f)
+        scale = token_scale * scale  # (B, N, 1)
+    return torch.addcmul(x, out, scale)

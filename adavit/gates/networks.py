@@ -39,5 +39,7 @@ class PatchGate(DecisionGate):
             (B, N) logits, one per patch token.
         """
         if self.policy == 'token':
-            return super().forward(x_normed[:, num_prefix_tokens:]).squeeze(-1)  # (B, N, 1) -> (B, N)
+            # Scoring every token and slicing the (B, N + P) scores avoids copying the (B, N, D) slice (and, in the
+            # backward pass, scattering its gradient back); the P prefix scores are ignored.
+            return super().forward(x_normed).squeeze(-1)[:, num_prefix_tokens:]  # (B, N + P, 1) -> (B, N)
         return super().forward(cls_token)  # (B, D) -> (B, N)

@@ -28,7 +28,8 @@ def gumbel_sigmoid_hard(logits: torch.Tensor, tau: float, threshold: float) -> t
     noise = (torch.log(u) - torch.log1p(-u)).to(logits.dtype)
     soft = torch.sigmoid((logits + noise) / tau)
     hard = (soft > threshold).to(logits.dtype)
-    return hard + soft - soft.detach()
+    # soft - soft.detach() is exactly 0, so the forward value is exactly hard; (hard + soft) - soft would round.
+    return hard + (soft - soft.detach())
 
 
 def threshold_decisions(logits: torch.Tensor, threshold: float) -> torch.Tensor:

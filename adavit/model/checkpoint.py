@@ -8,7 +8,6 @@ import argparse
 import os
 import pickle
 import re
-import zipfile
 from typing import Any, Dict, Mapping
 
 import torch
@@ -22,6 +21,7 @@ _GATE_RENAMES = (
     (re.compile(r'^blocks\.(\d+)\.layer_select\.mlp_head\.'), r'blocks.\1.block_gate.'),
 )
 _QKV = re.compile(r'^(blocks\.\d+\.attn)\.(query|key|value)\.(weight|bias)$')
+_REFUSED_GLOBAL = re.compile(r'Unsupported global: GLOBAL ([\w.]+)')
 
 # What official checkpoints hold besides tensors: their training arguments. Nothing else is unpickled.
 SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace]
@@ -40,14 +40,18 @@ def load_checkpoint_file(path: str) -> Any:
         with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if 'Unsupported global' in str(e) or 'weights_only' in str(e):
-            raise CheckpointError(f'{path} holds Python objects that are not on the weights-only allowlist, so it '
-                                  f'was not unpickled ({first[:160]}); re-save its state dict with torch.save') from e
-        raise CheckpointError(f'{path} is not a PyTorch checkpoint ({first[:120]})') from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f'{path} is not a readable PyTorch checkpoint (corrupt or truncated?): '
-                              f'{str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}') from e
+        # torch wraps every failure of its weights-only unpickler in one long multi-line message; only a refused
+        # global means a real checkpoint with foreign objects, anything else (e.g. "Unsupported operand") is garbage.
+        refused = _REFUSED_GLOBAL.search(str(e))
+        if refused:
+            raise CheckpointError(f'{path} holds a Python object of type {refused.group(1)}, which is not on the '
+                                  f'weights-only allowlist, so it was not unpickled; load it only if you trust it and '
+                                  f're-save its state dict with torch.save') from e
+        raise CheckpointError(f'{path} is not a PyTorch checkpoint (the weights-only unpickler rejected it)') from e
+    except Exception as e:  # noqa: BLE001  garbage input makes the unpickler raise KeyError, IndexError, EOFError ...
+        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else ''
+        raise CheckpointError(f'{path} is not a readable PyTorch checkpoint (corrupt, truncated or another format?): '
+                              f'{type(e).__name__} {detail}'.rstrip()) from e
 
 
 def unwrap_state_dict(obj: Any) -> Dict[str, torch.Tensor]:
@@ -120,4 +124,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: torch.nn.Mo
     if missing:
         raise CheckpointError(f'pretrained weights lack backbone keys {missing[:8]}: this file is not a checkpoint '
                               f'of this architecture')
+    # A checkpoint of another width or depth would otherwise fail in load_state_dict with one line per tensor. The
+    # classifier is exempt where timm discards it (model and pretrained config disagree on the class count).
+    own = model.state_dict()
+    head_dropped = getattr(model, 'pretrained_cfg', {}).get('num_classes') != getattr(model, 'num_classes', None)
+    mis_shaped = [f'{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}' for k, v in state_dict.items()
+                  if k in own and v.shape != own[k].shape and not (head_dropped and k.startswith('head.'))]
+    if mis_shaped:
+        raise CheckpointError(f'pretrained weights do not fit this architecture ({len(mis_shaped)} shape mismatches, '
+                              f'e.g. {", ".join(mis_shaped[:3])}): pick the model that matches the file')
     return state_dict
