@@ -5,8 +5,8 @@ Per block, for each sub-block (MSA, FFN):
 * only the images that run it are processed, and of those only their kept tokens, packed across the batch, so that
   token-wise layers (norms, linears, MLP) run once on a (T, D) matrix of real tokens;
 * images are grouped by their head pattern; a group's q, k, v, proj and (full deactivation) fc1 use only its kept
-  heads' weights, so a dropped head costs nothing. Kept heads are taken as contiguous ranges, which are slices of the
-  (re-laid-out, cached) weights: no weight is gathered per batch;
+  heads' weights, so a dropped head costs nothing. One contiguous range of kept heads is a slice of the (re-laid-out,
+  cached) weights; several ranges are gathered into one matrix per group;
 * attention runs per image over its kept tokens only: images of a group with equal token counts form a batch, others
   are padded to the group's longest and masked (the only wasted work, and only in the small T x T products).
 
@@ -21,9 +21,6 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 
-# A group whose kept heads fall in this many separate ranges or more gathers its weight rows into one matrix: on
-# 2 CPU threads one full-width matmul beats several thin ones by more than the copy costs (measured at batch 1 and 64).
-GATHER_FROM_RUNS = 2
 
 
 @dataclass
@@ -159,7 +156,7 @@ def _linear_into(out: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor, bia
         torch.mm(x, weight_t, out=out)
 
 
-def _ranges_matmul_into(
+def _kept_heads_matmul_into(
         out: torch.Tensor,
         x: torch.Tensor,
         weight_t: torch.Tensor,
@@ -168,33 +165,28 @@ def _ranges_matmul_into(
         head_dim: int,
         x_is_full_width: bool,
 ) -> None:
-    """``out = x[:, kept channels] @ weight_t[kept channels] + bias``, one matmul per run of heads, accumulated.
+    """``out = x[:, kept channels] @ weight_t[kept channels] + bias``.
+
+    One range of heads is a slice of ``weight_t`` (no copy); several ranges are gathered into one matrix, since on a
+    CPU one full-width matmul beats several thin ones by more than the copy costs (measured at batch 1 and 64).
 
     Args:
         out: (T, O) destination.
         x: (T, D) inputs with every channel (``x_is_full_width``) or (T, w) with only the kept ones, in run order.
-        weight_t: (D, O) transposed weight; a run of heads is a row slice of it.
+        weight_t: (D, O) transposed weight.
         bias: (O,) or None.
         runs: Kept head ranges.
         head_dim: Channels per head.
     """
     if not runs:  # every input channel dropped: only the bias survives
         out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
-        return
-    if len(runs) >= GATHER_FROM_RUNS:  # many short runs: one matmul over gathered rows beats many thin ones
+    elif len(runs) == 1:
+        lo, hi = runs[0][0] * head_dim, runs[0][1] * head_dim
+        _linear_into(out, x[:, lo:hi] if x_is_full_width else x, weight_t[lo:hi], bias)
+    else:
         channels = _run_channels(runs, head_dim, x.device)
         _linear_into(out, x.index_select(1, channels) if x_is_full_width else x, weight_t.index_select(0, channels),
                      bias)
-        return
-    offset = 0
-    for i, (a, b) in enumerate(runs):
-        lo, hi = a * head_dim, b * head_dim
-        x_run = x[:, lo:hi] if x_is_full_width else x[:, offset:offset + hi - lo]
-        offset += hi - lo
-        if i == 0:
-            _linear_into(out, x_run, weight_t[lo:hi], bias)
-        else:  # accumulate; the out= form (not addmm_) so that FlopCounterMode sees the work
-            torch.addmm(out, x_run, weight_t[lo:hi], out=out)
 
 
 def _run_channels(runs: List[Tuple[int, int]], head_dim: int, device: torch.device) -> torch.Tensor:
@@ -251,22 +243,19 @@ def _msa(block: Block, x_normed: torch.Tensor, packing: Packing, head_mode: str)
             continue
         if head_mode == 'full':
             w_qkv, b_qkv = _head_major_qkv(attn.qkv, H, parts=3)  # rows [q_h; k_h; v_h] per head
-            heads_out = []
-            if len(g.head_runs) >= GATHER_FROM_RUNS:
-                rows = _run_channels(g.head_runs, 3 * dh, x_g.device)  # head-major: 3*dh rows per head
-                h = rows.numel() // (3 * dh)
-                qkv = F.linear(x_g, w_qkv.index_select(0, rows), b_qkv.index_select(0, rows)
-                               if b_qkv is not None else None).view(-1, h, 3, dh)
-                q, k, v = qkv.unbind(2)
-                heads_out.append(_attend(attn.q_norm(q), attn.k_norm(k), v, g.counts))
-            for a, b in (g.head_runs if not heads_out else ()):
-                rows = slice(a * 3 * dh, b * 3 * dh)
-                qkv = F.linear(x_g, w_qkv[rows], b_qkv[rows] if b_qkv is not None else None).view(-1, b - a, 3, dh)
-                q, k, v = qkv.unbind(2)  # 3 x (Tg, heads in run, dh)
-                heads_out.append(_attend(attn.q_norm(q), attn.k_norm(k), v, g.counts))
-            o = heads_out[0] if len(heads_out) == 1 else x_g.new_empty(x_g.shape[0], 0) if not heads_out \
-                else torch.cat(heads_out, dim=1)  # (Tg, w)
-            _ranges_matmul_into(out_g, o, proj_t, attn.proj.bias, g.head_runs, dh, x_is_full_width=False)
+            if len(g.head_runs) <= 1:  # one range of heads: a slice of the head-major weights
+                rows = slice(*(3 * dh * h for h in g.head_runs[0])) if g.head_runs else slice(0, 0)
+                w_sel, b_sel = w_qkv[rows], b_qkv[rows] if b_qkv is not None else None
+            else:  # several ranges: gather their rows once (see _kept_heads_matmul_into)
+                rows = _run_channels(g.head_runs, 3 * dh, x_g.device)  # 3 * dh rows per head
+                w_sel, b_sel = w_qkv.index_select(0, rows), b_qkv.index_select(0, rows) if b_qkv is not None else None
+            h = w_sel.shape[0] // (3 * dh)
+            if h == 0:
+                o = x_g.new_empty(x_g.shape[0], 0)
+            else:
+                q, k, v = F.linear(x_g, w_sel, b_sel).view(-1, h, 3, dh).unbind(2)  # 3 x (Tg, h, dh)
+                o = _attend(attn.q_norm(q), attn.k_norm(k), v, g.counts)  # (Tg, h*dh)
+            _kept_heads_matmul_into(out_g, o, proj_t, attn.proj.bias, g.head_runs, dh, x_is_full_width=False)
         else:  # partial: a dropped head passes its values through, so v is needed at full width
             o = F.linear(x_g, attn.qkv.weight[2 * H * dh:], attn.qkv.bias[2 * H * dh:]
                          if attn.qkv.bias is not None else None)  # (Tg, H*dh) values of every head
@@ -294,7 +283,7 @@ def _ffn(block: Block, x_ffn: torch.Tensor, packing: Packing, head_dim: int) -> 
         if g.head_runs is None:
             _linear_into(hidden_g, h_g, fc1_t, mlp.fc1.bias)
         else:
-            _ranges_matmul_into(hidden_g, h_g, fc1_t, mlp.fc1.bias, g.head_runs, head_dim, x_is_full_width=True)
+            _kept_heads_matmul_into(hidden_g, h_g, fc1_t, mlp.fc1.bias, g.head_runs, head_dim, x_is_full_width=True)
     return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(mlp.act(hidden)))))
 
 
