@@ -4,5 +4,6 @@ from .model import AdaViT, Decisions, convert_official_state_dict, load_checkpoi
 from .losses.usage import AdaViTLoss, distillation_loss, usage_loss
 from .cost.macs import decision_macs, dense_macs, macs
 from .gates.budget import calibrate_thresholds
+from .training.checkpoint import load_model
 
 __version__ = '0.1.0'

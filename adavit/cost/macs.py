@@ -76,13 +76,13 @@ def macs(model: AdaViT, x: torch.Tensor, decisions: Optional[Decisions] = None) 
     Args:
         model: An AdaViT (for a plain timm ViT every image costs ``dense_macs``).
         x: Images, (B, C, H, W).
-        decisions: Decisions handed to the model instead of its own (then no decision network runs).
+        decisions: The decisions the model already took on ``x`` (saves a forward pass). For decisions handed to the
+            model instead of its own, use ``decision_macs(model, decisions, gates_ran=False)``.
     """
     if not isinstance(model, AdaViT):
         return torch.full((x.shape[0],), float(dense_macs(model)), dtype=torch.float64)
-    if decisions is not None:
-        return decision_macs(model, decisions, gates_ran=False)
-    _, decisions = model(x, return_decisions=True)
+    if decisions is None:
+        _, decisions = model(x, return_decisions=True)
     return decision_macs(model, decisions)
 
 

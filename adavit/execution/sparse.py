@@ -148,8 +148,17 @@ def _transposed(linear: torch.nn.Linear) -> torch.Tensor:
     return _cached(linear, '_adavit_transposed', lambda: (linear.weight.t().contiguous(),))[0]
 
 
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: autocast's when it is on (its rules do not reach ``out=`` calls), else ``t``'s."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
 def _linear_into(out: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
     """``out = x @ weight_t + bias``, written into ``out`` (a row slice of a larger buffer: no concatenation)."""
+    x, weight_t = x.to(out.dtype), weight_t.to(out.dtype)
+    bias = bias.to(out.dtype) if bias is not None else None
     if bias is not None:
         torch.addmm(bias, x, weight_t, out=out)
     else:
@@ -232,7 +241,7 @@ def _msa(block: Block, x_normed: torch.Tensor, packing: Packing, head_mode: str)
     if len(packing.groups) == 1 and packing.groups[0].head_runs is None:  # every head: timm's own layers
         q, k, v = attn.qkv(tokens).view(-1, 3, H, dh).unbind(1)  # 3 x (T, H, dh)
         return attn.proj(_attend(attn.q_norm(q), attn.k_norm(k), v, packing.groups[0].counts))
-    out = tokens.new_empty(packing.num_rows, attn.proj.out_features)
+    out = tokens.new_empty(packing.num_rows, attn.proj.out_features, dtype=_compute_dtype(tokens))
     proj_t = _transposed(attn.proj)  # (H*dh, D)
     for g in packing.groups:
         x_g, out_g = tokens[g.start:g.end], out[g.start:g.end]  # (Tg, D)
@@ -276,7 +285,7 @@ def _ffn(block: Block, x_ffn: torch.Tensor, packing: Packing, head_dim: int) -> 
     h2 = block.norm2(x_ffn)  # (T, D)
     if len(packing.groups) == 1 and packing.groups[0].head_runs is None:
         return mlp(h2)
-    hidden = h2.new_empty(packing.num_rows, mlp.fc1.out_features)  # (T, R)
+    hidden = h2.new_empty(packing.num_rows, mlp.fc1.out_features, dtype=_compute_dtype(h2))  # (T, R)
     fc1_t = _transposed(mlp.fc1)  # (D, R)
     for g in packing.groups:
         h_g, hidden_g = h2[g.start:g.end], hidden[g.start:g.end]
@@ -290,6 +299,7 @@ def _ffn(block: Block, x_ffn: torch.Tensor, packing: Packing, head_dim: int) -> 
 def _add_rows(x: torch.Tensor, rows: Optional[torch.Tensor], update: torch.Tensor) -> torch.Tensor:
     """``x`` (B, N, D) with ``update`` (T, D) added in place at flattened ``rows`` (at every row when None)."""
     B, N, D = x.shape
+    update = update.to(x.dtype)  # under autocast the layers return bf16/fp16 while the residual stream stays fp32
     if rows is None:
         return x.add_(update.view(B, N, D))
     return x.view(B * N, D).index_add_(0, rows, update).view(B, N, D)
