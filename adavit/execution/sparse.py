@@ -165,6 +165,11 @@ def _linear_into(out: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor, bia
         torch.mm(x, weight_t, out=out)
 
 
+# Kept heads that fall in this many separate ranges or more are gathered into one weight matrix; fewer ranges run one
+# matmul per range on weight slices (no copy). See benchmarks/head_layout.py for the measurement behind the choice.
+GATHER_FROM_RUNS = 2
+
+
 def _kept_heads_matmul_into(
         out: torch.Tensor,
         x: torch.Tensor,
@@ -174,10 +179,7 @@ def _kept_heads_matmul_into(
         head_dim: int,
         x_is_full_width: bool,
 ) -> None:
-    """``out = x[:, kept channels] @ weight_t[kept channels] + bias``.
-
-    One range of heads is a slice of ``weight_t`` (no copy); several ranges are gathered into one matrix, since on a
-    CPU one full-width matmul beats several thin ones by more than the copy costs (measured at batch 1 and 64).
+    """``out = x[:, kept channels] @ weight_t[kept channels] + bias`` (see ``GATHER_FROM_RUNS``).
 
     Args:
         out: (T, O) destination.
@@ -189,13 +191,20 @@ def _kept_heads_matmul_into(
     """
     if not runs:  # every input channel dropped: only the bias survives
         out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
-    elif len(runs) == 1:
-        lo, hi = runs[0][0] * head_dim, runs[0][1] * head_dim
-        _linear_into(out, x[:, lo:hi] if x_is_full_width else x, weight_t[lo:hi], bias)
-    else:
+    elif len(runs) >= GATHER_FROM_RUNS:
         channels = _run_channels(runs, head_dim, x.device)
         _linear_into(out, x.index_select(1, channels) if x_is_full_width else x, weight_t.index_select(0, channels),
                      bias)
+    else:  # one matmul per range, accumulated in place
+        offset = 0
+        for i, (a, b) in enumerate(runs):
+            lo, hi = a * head_dim, b * head_dim
+            x_run = x[:, lo:hi] if x_is_full_width else x[:, offset:offset + hi - lo]
+            offset += hi - lo
+            if i == 0:
+                _linear_into(out, x_run, weight_t[lo:hi], bias)
+            else:  # the out= form, not addmm_, so that FlopCounterMode sees the work
+                torch.addmm(out, x_run.to(out.dtype), weight_t[lo:hi].to(out.dtype), out=out)
 
 
 def _run_channels(runs: List[Tuple[int, int]], head_dim: int, device: torch.device) -> torch.Tensor:
@@ -252,18 +261,18 @@ def _msa(block: Block, x_normed: torch.Tensor, packing: Packing, head_mode: str)
             continue
         if head_mode == 'full':
             w_qkv, b_qkv = _head_major_qkv(attn.qkv, H, parts=3)  # rows [q_h; k_h; v_h] per head
-            if len(g.head_runs) <= 1:  # one range of heads: a slice of the head-major weights
-                rows = slice(*(3 * dh * h for h in g.head_runs[0])) if g.head_runs else slice(0, 0)
-                w_sel, b_sel = w_qkv[rows], b_qkv[rows] if b_qkv is not None else None
-            else:  # several ranges: gather their rows once (see _kept_heads_matmul_into)
-                rows = _run_channels(g.head_runs, 3 * dh, x_g.device)  # 3 * dh rows per head
-                w_sel, b_sel = w_qkv.index_select(0, rows), b_qkv.index_select(0, rows) if b_qkv is not None else None
-            h = w_sel.shape[0] // (3 * dh)
-            if h == 0:
-                o = x_g.new_empty(x_g.shape[0], 0)
-            else:
-                q, k, v = F.linear(x_g, w_sel, b_sel).view(-1, h, 3, dh).unbind(2)  # 3 x (Tg, h, dh)
-                o = _attend(attn.q_norm(q), attn.k_norm(k), v, g.counts)  # (Tg, h*dh)
+            if len(g.head_runs) >= GATHER_FROM_RUNS:  # gather the ranges' rows into one matrix
+                rows = _run_channels(g.head_runs, 3 * dh, x_g.device)  # head-major: 3 * dh rows per head
+                selections = [(w_qkv.index_select(0, rows), b_qkv.index_select(0, rows) if b_qkv is not None
+                               else None)]
+            else:  # each range of heads is a slice of the head-major weights
+                selections = [(w_qkv[3 * dh * a:3 * dh * b], b_qkv[3 * dh * a:3 * dh * b] if b_qkv is not None
+                               else None) for a, b in g.head_runs]
+            outs = []
+            for w_sel, b_sel in selections:
+                q, k, v = F.linear(x_g, w_sel, b_sel).view(x_g.shape[0], -1, 3, dh).unbind(2)  # 3 x (Tg, h, dh)
+                outs.append(_attend(attn.q_norm(q), attn.k_norm(k), v, g.counts))  # (Tg, h*dh)
+            o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1) if outs else x_g.new_empty(x_g.shape[0], 0)
             _kept_heads_matmul_into(out_g, o, proj_t, attn.proj.bias, g.head_runs, dh, x_is_full_width=False)
         else:  # partial: a dropped head passes its values through, so v is needed at full width
             o = F.linear(x_g, attn.qkv.weight[2 * H * dh:], attn.qkv.bias[2 * H * dh:]
@@ -333,16 +342,22 @@ def sparse_block_forward(
     B, N, _ = x.shape
     tokens = None if patch_keep is None or bool((patch_keep > 0.5).all()) else patch_keep > 0.5
     heads = None if head_keep is None else head_keep > 0.5
-    run_msa, run_ffn = (None, None) if block_keep is None else (block_keep > 0.5).unbind(1)
-    run_msa = None if run_msa is None or bool(run_msa.all()) else run_msa
-    run_ffn = None if run_ffn is None or bool(run_ffn.all()) else run_ffn
+    run_msa = run_ffn = None
+    if block_keep is not None:
+        runs = block_keep > 0.5  # (B, 2)
+        both = runs.all(0).tolist()  # one sync for both checks
+        run_msa, run_ffn = (None if both[0] else runs[:, 0]), (None if both[1] else runs[:, 1])
 
-    packing = pack_tokens(run_msa, tokens, heads, N, B)
-    if packing is not None:
-        x = _add_rows(x, packing.rows, block.ls1(_msa(block, x_normed, packing, head_mode)))
+    msa_packing = pack_tokens(run_msa, tokens, heads, N, B)
+    if msa_packing is not None:
+        x = _add_rows(x, msa_packing.rows, block.ls1(_msa(block, x_normed, msa_packing, head_mode)))
 
     # Partial deactivation leaves the FFN whole, so its tokens need no head grouping.
-    packing = pack_tokens(run_ffn, tokens, heads if head_mode == 'full' else None, N, B)
+    ffn_heads = heads if head_mode == 'full' else None
+    if run_ffn is None and run_msa is None and (ffn_heads is heads):
+        packing = msa_packing  # the same images, tokens and head groups: plan once
+    else:
+        packing = pack_tokens(run_ffn, tokens, ffn_heads, N, B)
     if packing is not None:
         x_ffn = x.reshape(B * N, -1) if packing.rows is None else x.reshape(B * N, -1)[packing.rows]
         x = _add_rows(x, packing.rows, block.ls2(_ffn(block, x_ffn, packing, block.attn.head_dim)))
