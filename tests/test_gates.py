@@ -56,3 +56,21 @@ def test_gate_shapes_and_init() -> None:
     # timm's trunc_normal_(std=0.02) cuts at +-2 in absolute units (as in the release), i.e. hardly at all.
     assert gate.weight.std().item() == pytest.approx(0.02, abs=0.002)
     assert gate.weight.mean().abs().item() < 0.003
+
+
+def test_consistent_eval_rule_matches_majority_of_training_decisions():
+    """``eval_rule="consistent"`` keeps a patch iff the noisy training rule keeps it more often than not."""
+    import adavit
+    model = adavit.AdaViT(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=4,
+                          eval_rule='consistent')
+    logits = torch.tensor([-1.0, 0.5, 1.9, 2.2, 3.0])  # the patch boundary is tau * logit(0.6) = 5 ln 1.5 ~ 2.03
+    model.eval()
+    assert model._decide(logits, 0.6, 0.5).tolist() == [0, 0, 0, 1, 1]
+    model.train()
+    torch.manual_seed(0)
+    frequency = torch.stack([model._decide(logits, 0.6, 0.5) for _ in range(4000)]).mean(0)
+    assert ((frequency > 0.5).float() == torch.tensor([0.0, 0, 0, 1, 1])).all()
+    released = adavit.AdaViT(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=4).eval()
+    assert released._decide(logits, 0.6, 0.5).tolist() == [0, 1, 1, 1, 1]  # logit > ln 1.5 ~ 0.405
+    with pytest.raises(adavit.ConfigError):
+        adavit.AdaViT(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, eval_rule='median')

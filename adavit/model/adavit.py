@@ -26,6 +26,7 @@ HEAD_MODES = ('full', 'partial')
 PATCH_POLICIES = ('token', 'cls')
 POLICIES = ('learned', 'random')
 EXECUTORS = ('sparse', 'masked')
+EVAL_RULES = ('released', 'consistent')
 
 
 @dataclass
@@ -91,6 +92,7 @@ class AdaViT(VisionTransformer):
             random_keep: Sequence[float] = (0.5, 0.5, 0.5),
             random_seed: int = 0,
             executor: str = 'sparse',
+            eval_rule: str = 'released',
             **kwargs: Any,
     ) -> None:
         """
@@ -111,6 +113,10 @@ class AdaViT(VisionTransformer):
             random_keep: Keep probabilities (patch, head, block) of the random policy.
             random_seed: Seed of the random policy's generator.
             executor: Eval execution, ``"sparse"`` (skip what is dropped) or ``"masked"`` (the reference).
+            eval_rule: ``"released"``: keep iff ``sigmoid(z) > threshold`` (the released models); ``"consistent"``:
+                keep iff ``sigmoid(z / tau) > threshold``, i.e. iff training's noisy rule keeps the unit more often
+                than not. They differ where the threshold is not 0.5 (patches: 0.6), where the released rule keeps
+                far more patches at eval than in training (SPEC.md, "Measured weakness"). Opt-in.
             **kwargs: Keyword arguments of timm's ``VisionTransformer``.
         """
         unknown = sorted(set(gates) - set(GATES))
@@ -118,6 +124,7 @@ class AdaViT(VisionTransformer):
         _check_choice('patch_policy', patch_policy, PATCH_POLICIES)
         _check_choice('policy', policy, POLICIES)
         _check_choice('executor', executor, EXECUTORS)
+        _check_choice('eval_rule', eval_rule, EVAL_RULES)
         if unknown:
             raise ConfigError(f'unknown gates {unknown}: choose from {list(GATES)}')
         if len(random_keep) != 3 or not all(0.0 <= p <= 1.0 for p in random_keep):
@@ -133,7 +140,7 @@ class AdaViT(VisionTransformer):
             gates=list(gates), keep_layers=keep_layers, patch_start_layer=patch_start_layer,
             patch_threshold=patch_threshold, head_threshold=head_threshold, block_threshold=block_threshold,
             tau=tau, head_mode=head_mode, patch_policy=patch_policy, policy=policy, random_keep=list(random_keep),
-            random_seed=random_seed,
+            random_seed=random_seed, eval_rule=eval_rule,
         )
         self.patch_threshold = patch_threshold
         self.head_threshold = head_threshold
@@ -145,6 +152,7 @@ class AdaViT(VisionTransformer):
         self.random_keep = tuple(float(p) for p in random_keep)
         self.random_seed = random_seed
         self.executor = executor
+        self.eval_rule = eval_rule
         self._generator: Optional[torch.Generator] = None
 
         depth = len(self.blocks)
@@ -190,6 +198,10 @@ class AdaViT(VisionTransformer):
             return draw + 0.0 * logits if self.training else draw
         if self.training:
             return gumbel_sigmoid_hard(logits, self.tau, threshold)
+        if self.eval_rule == 'consistent':
+            # Keep a unit iff training keeps it more often than not: sigmoid((z + noise) / tau) > thr holds with
+            # probability > 1/2 exactly when z > tau * logit(thr), i.e. sigmoid(z / tau) > thr.
+            return threshold_decisions(logits / self.tau, threshold)
         return threshold_decisions(logits, threshold)
 
     def block_decisions(self, index: int, x: torch.Tensor, x_normed: torch.Tensor) -> BlockDecisions:
