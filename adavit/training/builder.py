@@ -166,27 +166,41 @@ def _load_backbone(model: nn.Module, state_dict: Dict[str, torch.Tensor], source
     return head_reset
 
 
-def build_teacher(model_cfg: Mapping[str, Any], source: str, device: torch.device) -> nn.Module:
-    """The frozen dense teacher for distillation: ``source`` (our checkpoint or a backbone file), in eval mode.
+def load_dense(source: str, model_cfg: Optional[Mapping[str, Any]], check: bool = True) -> nn.Module:
+    """The dense backbone in ``source``, in eval mode: one of our checkpoints as saved, or a backbone file loaded into
+    ``model_cfg``'s architecture without decision networks.
+
+    Args:
+        source: Checkpoint path.
+        model_cfg: The model section the dense model must fit (None: only our own checkpoints are accepted).
+        check: Check that one of our checkpoints has ``model_cfg``'s architecture.
 
     Raises:
-        ConfigError: The source's classifier does not cover the model's classes (it would teach noise).
+        CheckpointError: The file is not a usable backbone (missing, foreign, or no classifier for these classes).
     """
     from .checkpoint import load_model
-    if not os.path.isfile(source):
-        raise CheckpointError(f'distillation teacher {source} does not exist: pass loss.teacher=CHECKPOINT')
     obj = load_checkpoint_file(source)
     if is_training_checkpoint(obj):
-        check_compatible(model_section(obj['config']), model_cfg, source)
-        teacher = load_model(source)
-    else:
-        dense_cfg = dict(model_cfg)
-        if dense_cfg.get('arch', 'adavit') == 'adavit':
-            dense_cfg['gates'] = []
-        teacher = build_model(dense_cfg)
-        if initialize(teacher, dense_cfg, source).head_reset:
-            raise ConfigError(f'distillation teacher {source} has no classifier for the model\'s classes: pass '
-                              f'loss.teacher=CHECKPOINT of a backbone trained on this data')
+        if check and model_cfg is not None:
+            check_compatible(model_section(obj['config']), model_cfg, source)
+        return load_model(source)
+    if model_cfg is None:
+        raise CheckpointError(f'{source} is not an adavit checkpoint and there is no model config to build it with')
+    dense_cfg = dict(model_cfg)
+    if dense_cfg.get('arch', 'adavit') == 'adavit':
+        dense_cfg['gates'] = []
+    model = build_model(dense_cfg)
+    if initialize(model, dense_cfg, source).head_reset:
+        raise CheckpointError(f'{source} has no classifier for {dense_cfg.get("num_classes")} classes: it is not a '
+                              f'backbone trained on this data')
+    return model.eval()
+
+
+def build_teacher(model_cfg: Mapping[str, Any], source: str, device: torch.device) -> nn.Module:
+    """The frozen dense teacher for distillation: ``source`` (our checkpoint or a backbone file), in eval mode."""
+    if not os.path.isfile(source):
+        raise CheckpointError(f'distillation teacher {source} does not exist: pass loss.teacher=CHECKPOINT')
+    teacher = load_dense(source, model_cfg)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.to(device).eval()

@@ -128,25 +128,6 @@ def evaluate(
 
 
 
-def _dense_model(path: str, reference_cfg: Optional[Dict[str, Any]]) -> nn.Module:
-    """The dense model behind ``--compare-dense``: one of our checkpoints, or a backbone file in the model's shape."""
-    from ..model.checkpoint import load_checkpoint_file
-    from .builder import build_model, initialize
-    from .checkpoint import is_training_checkpoint, load_model
-    if is_training_checkpoint(load_checkpoint_file(path)):
-        return load_model(path)
-    if reference_cfg is None:
-        raise CheckpointError(f'{path} is not an adavit checkpoint and there is no model config to build it with')
-    dense_cfg = dict(reference_cfg)
-    if dense_cfg.get('arch', 'adavit') == 'adavit':
-        dense_cfg['gates'] = []
-    model = build_model(dense_cfg)
-    if initialize(model, dense_cfg, path).head_reset:
-        raise CheckpointError(f'{path} has no classifier for {dense_cfg.get("num_classes")} classes: it is not a '
-                              f'backbone trained on this data')
-    return model.eval()
-
-
 def evaluate_checkpoint(
         checkpoint: str,
         data: Optional[Dict[str, Any]] = None,
@@ -178,7 +159,7 @@ def evaluate_checkpoint(
     import numpy as np
     from ..cost.macs import dense_macs
     from ..data.datasets import build_datasets
-    from .builder import model_section
+    from .builder import load_dense, model_section
     from .checkpoint import load_model, read_checkpoint
     from .distributed import DistEnv
 
@@ -220,7 +201,7 @@ def evaluate_checkpoint(
             path = checkpoint  # a dense checkpoint is its own backbone
         if not os.path.isfile(path):
             raise CheckpointError(f'dense backbone {path} does not exist: pass --compare-dense BACKBONE.pt')
-        dense = _dense_model(path, dict(model_section(saved['config']))).to(env.device)
+        dense = load_dense(path, dict(model_section(saved['config'])), check=False).to(env.device)
         dense_result = run(dense)
         dense_gmacs = np.asarray(dense_result.pop('macs'), dtype=np.float64) / 1e9
         out.update({'dense_checkpoint': path, 'dense_top1': dense_result['top1'], 'dense_top5': dense_result['top5'],
