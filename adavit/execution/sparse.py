@@ -84,6 +84,17 @@ def pack_tokens(
     if run is None and tokens is None and heads is None:
         return Packing(None, [HeadGroup(0, batch_size * num_tokens, [num_tokens] * batch_size, None)])
 
+    if batch_size == 1:  # latency path: the same plan from a handful of small ops
+        if run is not None and not bool(run[0]):
+            return None
+        runs = None
+        if heads is not None:
+            kept = heads[0].tolist()
+            runs = head_runs(sum(1 << h for h, k in enumerate(kept) if k), len(kept))
+        rows = None if tokens is None else tokens[0].nonzero().squeeze(1)  # (T,)
+        count = num_tokens if rows is None else rows.numel()
+        return Packing(rows, [HeadGroup(0, count, [count], runs)])
+
     images = torch.arange(batch_size, device=device) if run is None else run.nonzero().squeeze(1)  # (n,)
     if images.numel() == 0:
         return None
