@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..visualize.inputs import FASHION_MNIST_CLASSES
+from ..data.datasets import FASHION_MNIST_CLASSES
 
 _FMNIST_NAMES = ('fashion-mnist', 'fashion_mnist', 'fmnist')
 
@@ -74,18 +74,11 @@ def load_model(path: str) -> nn.Module:
 
 
 def data_config_for(model: nn.Module, config: Mapping[str, Any]) -> Dict[str, Any]:
-    """The eval data config the model was trained with: the checkpoint's ``data`` section through the data package
-    (``adavit.data.datasets.data_config``) when there is one, else the model's own (``visualize.inputs``)."""
+    """The eval data config the model was trained with: the checkpoint's ``data`` section when there is one, else the
+    model's own (both through ``adavit.data.datasets.data_config``)."""
+    from ..data.datasets import data_config
     data = config.get('data')
-    if isinstance(data, Mapping):
-        try:
-            from ..data.datasets import data_config
-        except ImportError:
-            pass
-        else:
-            return dict(data_config(model, data, str(data.get('name', 'fashion-mnist'))))
-    from ..visualize.inputs import data_config as model_data_config
-    return model_data_config(model)
+    return dict(data_config(model, data if isinstance(data, Mapping) else None))
 
 
 def class_names(model: nn.Module, config: Mapping[str, Any], override: Optional[str] = None) -> List[str]:

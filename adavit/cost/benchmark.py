@@ -72,6 +72,7 @@ def measure_speed(
         max_inputs: int = 8,
         seed: int = 0,
         log: Optional[Callable[[str], None]] = None,
+        images: Optional[torch.Tensor] = None,
 ) -> List[SpeedRow]:
     """Time the dense twin, the sparse executor and the masked executor of ``model`` at each batch size.
 
@@ -89,6 +90,9 @@ def measure_speed(
         max_inputs: At most this many distinct input batches per round.
         seed: Seed of the random inputs.
         log: Called with a progress line per batch size.
+        images: Real (preprocessed) images to time on instead of Gaussian noise, (n, C, H, W); batches cycle through
+            them. Learned gates decide from the content, so noise would time (and cost) decisions that real images
+            never get.
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -103,8 +107,12 @@ def measure_speed(
     rows = []
     for batch_size in batch_sizes:
         count = max(1, min(max_inputs, images_per_round // batch_size))
-        inputs = [torch.randn(batch_size, in_chans, height, width, generator=generator).to(dev, cast)
-                  for _ in range(count)]
+        if images is not None:
+            index = torch.arange(count * batch_size) % images.shape[0]
+            inputs = [images[index[i * batch_size:(i + 1) * batch_size]].to(dev, cast) for i in range(count)]
+        else:
+            inputs = [torch.randn(batch_size, in_chans, height, width, generator=generator).to(dev, cast)
+                      for _ in range(count)]
         adaptive = []
         for i, x in enumerate(inputs):
             if reseed:

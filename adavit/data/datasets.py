@@ -130,18 +130,41 @@ def _open_image(path: str, mode: str) -> Image.Image:
         return Image.open(f).convert(mode)
 
 
-def data_config(model: torch.nn.Module, data_cfg: Mapping[str, Any], dataset_name: str) -> Dict[str, Any]:
-    """timm's data config for ``model`` (input size, mean, std, crop), adapted to its channel count."""
+def data_config(
+        model: torch.nn.Module,
+        data_cfg: Optional[Mapping[str, Any]] = None,
+        dataset_name: Optional[str] = None,
+) -> Dict[str, Any]:
+    """timm's eval data config for ``model`` (input size, interpolation, mean, std, crop), made consistent with what
+    the model actually takes. The one place preprocessing is decided: training, evaluation, ``predict``,
+    ``visualize`` and ``load_model`` all go through it.
+
+    The input size always comes from the patch embedding: ``timm.data.resolve_data_config({}, model=model)`` falls
+    back to ImageNet (3x224x224, ImageNet mean/std) for a model built directly (no ``pretrained_cfg``). Mean and std
+    are reconciled with the channel count.
+
+    Args:
+        model: A timm ViT-like model (it has ``patch_embed``).
+        data_cfg: A run's ``data`` config section: its ``interpolation`` (default bilinear), ``crop_pct`` (default 1)
+            and ``mean``/``std`` (default: Fashion-MNIST's for Fashion-MNIST, else the model's) decide. None: the
+            model's own ``pretrained_cfg`` decides, without cropping unless it was made for this very input size.
+        dataset_name: The dataset, default ``data_cfg['name']`` (``"fashion-mnist"`` when absent).
+
+    Returns:
+        A dict for ``timm.data.create_transform(**cfg)``: input_size, interpolation, mean, std, crop_pct, crop_mode.
+    """
     from timm.data import resolve_data_config
     in_chans, height, width = model_input_size(model)
-    mean, std = data_cfg.get('mean'), data_cfg.get('std')
-    if mean is None and dataset_name == 'fashion-mnist':
-        mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    args: Dict[str, Any] = {'input_size': (in_chans, height, width),
-                            'interpolation': data_cfg.get('interpolation', 'bilinear'),
-                            'crop_pct': data_cfg.get('crop_pct', 1.0)}
-    if mean is not None:
-        args['mean'], args['std'] = tuple(mean), tuple(std if std is not None else [1.0] * len(mean))
+    input_size = (in_chans, height, width)
+    args: Dict[str, Any] = {'input_size': input_size}
+    if data_cfg is not None:
+        name = dataset_name if dataset_name is not None else str(data_cfg.get('name', 'fashion-mnist'))
+        mean, std = data_cfg.get('mean'), data_cfg.get('std')
+        if mean is None and name == 'fashion-mnist':
+            mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
+        args.update(interpolation=data_cfg.get('interpolation', 'bilinear'), crop_pct=data_cfg.get('crop_pct', 1.0))
+        if mean is not None:
+            args['mean'], args['std'] = tuple(mean), tuple(std if std is not None else [1.0] * len(mean))
     config = resolve_data_config(args=args, model=model)
     for key in ('mean', 'std'):
         values = tuple(float(v) for v in config[key])
@@ -149,6 +172,11 @@ def data_config(model: torch.nn.Module, data_cfg: Mapping[str, Any], dataset_nam
             # An RGB default (e.g. ImageNet's) for a grey model: average it; a single value for RGB: repeat it.
             values = (sum(values) / len(values),) * in_chans
         config[key] = values
+    if data_cfg is None:
+        pretrained = dict(getattr(model, 'pretrained_cfg', None) or {})
+        if tuple(pretrained.get('input_size') or ()) != input_size:
+            # Nothing tells how the model was trained to crop at this size: do not crop away image content.
+            config['crop_pct'] = 1.0
     return config
 
 

@@ -134,7 +134,34 @@ def load_model(path: str, ema: Optional[bool] = None, device: Any = 'cpu') -> nn
     if use_ema and checkpoint.get('model_ema') is None:
         raise CheckpointError(f'{path} holds no EMA weights (the run had train.ema off)')
     load_strict(model, checkpoint['model_ema' if use_ema else 'model'], path)
+    attach_data_config(model, checkpoint['config'])
     return model.to(device).eval()
+
+
+def attach_data_config(model: nn.Module, config: Mapping[str, Any]) -> Dict[str, Any]:
+    """Record on ``model`` the preprocessing it was trained with, the way timm models carry theirs.
+
+    ``model.pretrained_cfg`` (and its alias ``default_cfg``) get the input size, interpolation, mean, std and crop of
+    the run's ``data`` section, so that ``timm.data.resolve_data_config({}, model=model)`` (and any timm-based
+    pipeline) preprocesses images as in training instead of falling back to ImageNet's 3x224x224. Class names and
+    the class count come along when the config has them.
+
+    Returns:
+        The data config attached.
+    """
+    from ..data.datasets import data_config
+    data = config.get('data') if isinstance(config.get('data'), Mapping) else None
+    cfg = data_config(model, data)
+    pretrained = dict(getattr(model, 'pretrained_cfg', None) or {})
+    pretrained.update({k: cfg[k] for k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
+                       if k in cfg})
+    pretrained['num_classes'] = int(getattr(model, 'num_classes', 0) or 0)
+    names = (data or {}).get('class_names')
+    if names is not None and len(names) == pretrained['num_classes']:
+        pretrained['label_names'] = [str(n) for n in names]
+    model.pretrained_cfg = pretrained
+    model.default_cfg = pretrained  # the older timm name of the same thing; one dict, so they cannot disagree
+    return cfg
 
 
 def weights_hash(model: nn.Module) -> str:

@@ -5,7 +5,7 @@ all-reduced. The model runs in eval mode with its default executor (sparse for A
 """
 import contextlib
 import os
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -207,4 +207,25 @@ def evaluate_checkpoint(
         out.update({'dense_checkpoint': path, 'dense_top1': dense_result['top1'], 'dense_top5': dense_result['top5'],
                     'dense_gmacs_mean': float(dense_gmacs.mean()) if dense_gmacs.size else 0.0})
         out['macs_reduction'] = out['dense_gmacs_mean'] / out['gmacs_mean'] if out['gmacs_mean'] else None
+    return out
+
+
+
+def gated_keep_rates(keep: Mapping[str, List[float]], model: nn.Module) -> Dict[str, float]:
+    """Mean keep-rates (patch, head, block) over the layers where each decision is made.
+
+    These are the rates a random policy must draw at to cost what ``model``'s own decisions cost (the paper's Random
+    and Random+ baselines "at the same budget"). Layers without a decision network keep everything by construction;
+    averaging them in would inflate the rates. Block averages MSA and FFN, which the random policy draws at one rate.
+
+    Args:
+        keep: Per-layer keep-rates by kind (``patch``, ``head``, ``msa``, ``ffn``), as ``evaluate`` reports them.
+        model: The AdaViT they were measured on (its ``*_gated`` buffers say which layers decide).
+    """
+    per_layer = {'patch': keep['patch'], 'head': keep['head'],
+                 'block': [(a + b) / 2 for a, b in zip(keep['msa'], keep['ffn'])]}
+    out: Dict[str, float] = {}
+    for kind in ('patch', 'head', 'block'):
+        chosen = [v for v, g in zip(per_layer[kind], getattr(model, f'{kind}_gated').tolist()) if g]
+        out[kind] = sum(chosen) / len(chosen) if chosen else 1.0
     return out

@@ -88,8 +88,9 @@ class LineProgress:
         self.postfix: Dict[str, Any] = {}
         self.every = max(total // 10, 1)
 
-    def set_postfix(self, values: Mapping[str, Any], refresh: bool = False) -> None:
-        self.postfix = dict(values)
+    def set_postfix(self, values: Optional[Mapping[str, Any]] = None, refresh: bool = False, **kwargs: Any) -> None:
+        """tqdm's signature: a mapping and/or keywords (evaluation passes keywords)."""
+        self.postfix = dict(values or {}, **kwargs)
 
     def __iter__(self) -> Any:
         for item in self.iterable:

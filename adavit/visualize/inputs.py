@@ -1,50 +1,19 @@
-"""Images in and out of a model: its data config, loading image files, and undoing the normalisation for display."""
+"""Images in and out of a model: loading image files and undoing the normalisation for display.
+
+The data config (preprocessing) lives in ``adavit.data.datasets``; ``data_config`` and ``model_input_size`` are
+re-exported here for the pictures' callers.
+"""
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..data.datasets import FASHION_MNIST_CLASSES, data_config, model_input_size
 from ..errors import InputError
 
-FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
-                         'Ankle boot')
-
-
-def model_input_size(model: nn.Module) -> Tuple[int, int, int]:
-    """(C, H, W) that the model's patch embedding takes."""
-    pe = model.patch_embed
-    h, w = pe.img_size
-    return int(pe.proj.in_channels), int(h), int(w)
-
-
-def data_config(model: nn.Module) -> Dict[str, Any]:
-    """timm's eval data config for ``model``, made consistent with what the model actually takes.
-
-    ``timm.data.resolve_data_config({}, model=model)`` falls back to ImageNet (3x224x224, ImageNet mean/std) when the
-    model has no ``pretrained_cfg`` (built directly, not via ``timm.create_model``). The input size is therefore
-    always taken from the patch embedding, and mean/std are reconciled with the channel count.
-
-    Returns:
-        A dict for ``timm.data.create_transform(**cfg)``: input_size, interpolation, mean, std, crop_pct, crop_mode.
-    """
-    from timm.data import resolve_data_config
-
-    input_size = model_input_size(model)
-    pretrained = dict(getattr(model, 'pretrained_cfg', None) or {})
-    cfg = resolve_data_config({'input_size': input_size}, model=model)
-    in_chans = input_size[0]
-    for key in ('mean', 'std'):
-        value = tuple(float(v) for v in cfg[key])
-        if len(value) != in_chans:
-            # A 1-channel model under a 3-channel (ImageNet) default: its single statistic is the channel average.
-            value = (float(np.mean(value)),) * in_chans if len(value) != 1 else value * in_chans
-        cfg[key] = value
-    if tuple(pretrained.get('input_size') or ()) != input_size:
-        # Nothing tells how the model was trained to crop at this size: do not crop away image content.
-        cfg['crop_pct'] = 1.0
-    return cfg
+__all__ = ['FASHION_MNIST_CLASSES', 'data_config', 'load_images', 'model_input_size', 'unnormalize']
 
 
 def load_images(paths: Sequence[str], model: nn.Module, config: Optional[Mapping[str, Any]] = None) -> torch.Tensor:
