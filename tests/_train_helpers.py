@@ -6,6 +6,7 @@ synthetic set in the same IDX format stands in, so the tests stay offline either
 import gzip
 import hashlib
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -98,12 +99,9 @@ def run_cli(args: List[str], timeout: float = 240, **extra_env: str) -> subproce
 
 def weight_hashes(stdout: str) -> Dict[int, str]:
     """Rank -> weight hash, from the lines ``ADAVIT_DEBUG_WEIGHTS_HASH=1`` makes each rank print."""
-    out = {}
-    for line in stdout.splitlines():
-        if line.startswith('adavit-weights-sha256 '):
-            _, rank, _, digest = line.split()
-            out[int(rank.split('=')[1])] = digest
-    return out
+    # Searched anywhere, not per line: two ranks writing to one pipe can land their lines on one line.
+    found = re.findall(r'adavit-weights-sha256 rank=(\d+) step=\d+ ([0-9a-f]{64})', stdout)
+    return {int(rank): digest for rank, digest in found}
 
 
 def file_digest(path: str) -> str:
