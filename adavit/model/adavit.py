@@ -48,12 +48,6 @@ class Decisions:
     head_gated: torch.Tensor
     block_gated: torch.Tensor
 
-    def detach(self) -> 'Decisions':
-        return Decisions(*(t.detach() for t in self._fields()))
-
-    def _fields(self) -> Tuple[torch.Tensor, ...]:
-        return self.patch, self.head, self.block, self.patch_gated, self.head_gated, self.block_gated
-
     def __getitem__(self, index: Any) -> 'Decisions':
         """The decisions of a subset of the batch."""
         return Decisions(self.patch[index], self.head[index], self.block[index],
