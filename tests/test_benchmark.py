@@ -44,3 +44,25 @@ def test_benchmark_cli_rejects_unknown_model(capsys):
     assert main(['benchmark', '--model', 'vit_nonexistent', '--json', '']) == 2
     err = capsys.readouterr().err.strip()
     assert '\n' not in err and 'unknown model' in err
+
+
+def test_benchmark_cli_times_a_checkpoint_on_its_own_validation_images(tmp_path, capsys):
+    """Learned gates decide from content: a checkpoint is timed (and costed) on real test images, not noise."""
+    import os
+
+    from adavit.cli.benchmark import validation_images
+    from adavit.cost.macs import decision_macs
+    from adavit.training.checkpoint import load_model
+    checkpoint = os.path.join(os.path.dirname(__file__), '..', 'checkpoints', 'fashion_mnist_adavit.pt')
+    out = tmp_path / 'speed.json'
+    assert main(['benchmark', '--checkpoint', checkpoint, '--batch-sizes', '4', '--warmup', '0', '--repeats', '1',
+                 '--images-per-round', '4', '--threads', '1', '--json', str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result['inputs'] == 'validation images' and '4 validation images' in capsys.readouterr().out
+    model = load_model(checkpoint)
+    images = validation_images(model, type('Args', (), {'data': None, 'data_dir': None, 'checkpoint': checkpoint}), 4)
+    assert images.shape == (4, 1, 28, 28)
+    with torch.no_grad():
+        _, decisions = model(images, return_decisions=True)
+    expected = decision_macs(model, decisions).mean().item() / 1e9
+    assert result['rows'][0]['adaptive_gmacs'] == pytest.approx(expected, rel=1e-6)

@@ -10,7 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import adavit
 from adavit import AdaViT, Decisions
 from adavit.cost.macs import decision_macs, dense_macs, macs
-from adavit.execution.sparse import head_runs, pack_tokens
+from adavit.execution import sparse
+from adavit.execution.sparse import attention_buckets, head_runs, pack_tokens
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=4, num_classes=7)
 NUM_TOKENS = 65  # 8 x 8 patches + class token
@@ -77,6 +78,43 @@ def test_sparse_matches_masked_with_learned_gates(head_mode, patch_policy):
     assert 0.05 < d_sparse.patch[:, :, 1:].mean() < 0.95
     assert d_sparse.patch[:, :, 1:].sum(-1).std() > 0  # images keep different numbers of patches
     assert torch.allclose(masked, sparse, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('gather_from_runs', [1, 2])
+def test_sparse_matches_masked_when_kept_heads_are_gathered(monkeypatch, gather_from_runs):
+    """The gathered-weights path (many separate runs of kept heads) against the masked reference."""
+    monkeypatch.setattr(sparse, 'GATHER_FROM_RUNS', gather_from_runs)
+    model = AdaViT(**TINY).eval()
+    for batch in (1, 9):
+        decisions = _random_decisions(batch, seed=batch, edge='mixed')
+        (masked, _), (out, _) = _both(model, torch.randn(batch, 3, 32, 32), decisions)
+        assert torch.allclose(masked, out, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('split_macs', [0.0, 1.5e6, float('inf')])
+def test_sparse_matches_masked_for_any_attention_bucketing(monkeypatch, split_macs):
+    """One bucket per token count, the CPU default, and one padded bucket give the masked reference's logits."""
+    monkeypatch.setitem(sparse.SPLIT_COST_MACS, 'cpu', split_macs)
+    model = AdaViT(qk_norm=True, **TINY).eval()  # qk_norm: the optional q/k norms are applied on the packed rows
+    decisions = _random_decisions(32, seed=5, edge='mixed')
+    (masked, _), (out, _) = _both(model, torch.randn(32, 3, 32, 32), decisions)
+    assert torch.allclose(masked, out, atol=1e-4, rtol=0)
+
+
+def test_attention_buckets_pad_only_where_one_more_call_costs_more():
+    # merging 10 -> 11 pads 2 images by 21 pairs (42 MACs at 1 MAC per pair): under a 50-MAC call, merged;
+    # merging 11 -> 20 would pad 3 images by 279 pairs: a new bucket.
+    assert attention_buckets([10, 10, 11, 20, 20], 1, 50) == [(0, 3, 11), (3, 5, 20)]
+    assert attention_buckets([10, 10, 11, 20, 20], 1, 0) == [(0, 2, 10), (2, 3, 11), (3, 5, 20)]
+    assert attention_buckets([10, 10, 11, 20, 20], 1, float('inf')) == [(0, 5, 20)]
+    assert attention_buckets([7], 1, 0) == [(0, 1, 7)]
+
+
+def test_pack_tokens_orders_images_by_token_count_within_a_head_pattern():
+    tokens = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)
+    packing = pack_tokens(None, tokens, None, num_tokens=3, batch_size=3)
+    assert packing.rows.tolist() == [3, 6, 7, 0, 1, 2]  # image 1 (1 token), image 2 (2), image 0 (3)
+    assert packing.groups[0].counts == [1, 2, 3]
 
 
 def test_sparse_after_official_checkpoint():

@@ -3,7 +3,7 @@ import argparse
 import json
 import os
 import platform
-from typing import List
+from typing import List, Optional
 
 import timm
 import torch
@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--images-per-round', type=int, default=64)
+    parser.add_argument('--data', default=None,
+                        help='time on real validation images of this dataset (fashion-mnist or an ImageFolder root); '
+                             'default with --checkpoint: the dataset it was trained on (learned gates decide from '
+                             'the content, so noise would time decisions real images never get); else Gaussian noise')
+    parser.add_argument('--data-dir', default=None, help='Fashion-MNIST folder (default: the Debian package path)')
     parser.add_argument('--json', default='benchmarks/results/speed.json', help='where to write the results')
 
 
@@ -53,6 +58,20 @@ def build_model(args: argparse.Namespace) -> AdaViT:
     return timm.create_model(args.model, policy='random', random_keep=keep)
 
 
+def validation_images(model: AdaViT, args: argparse.Namespace, count: int) -> Optional[torch.Tensor]:
+    """The first ``count`` validation images of ``--data`` (or of the checkpoint's dataset), preprocessed for ``model``."""
+    data = {'name': args.data} if args.data else None
+    if data is None and args.checkpoint:
+        from ..training.checkpoint import read_checkpoint
+        data = dict(read_checkpoint(args.checkpoint)['config'].get('data') or {})
+    if data is None:
+        return None
+    from ..data.datasets import build_datasets
+    data.update(val_subset=count, dir=args.data_dir or data.get('dir'))
+    dataset = build_datasets(data, model, splits=('val',))[0]['val']
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])  # (count, C, H, W)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise ConfigError('--device cuda asked for, but torch sees no CUDA device')
@@ -60,8 +79,12 @@ def run(args: argparse.Namespace) -> int:
     print(f'# {args.checkpoint or args.model}, decisions: '
           f'{"learned" if args.checkpoint else args.policy}{"" if args.checkpoint else f" keep={model.random_keep}"}',
           flush=True)
+    # as many images as measure_speed's largest round holds: up to 8 distinct batches per batch size
+    needed = max(b * max(1, min(8, args.images_per_round // b)) for b in args.batch_sizes)
+    images = validation_images(model, args, needed)
+    print(f'# inputs: {f"{len(images)} validation images" if images is not None else "Gaussian noise"}', flush=True)
     rows = measure_speed(model, args.batch_sizes, args.threads, args.device, args.dtype, args.warmup, args.repeats,
-                         args.images_per_round, log=None)
+                         args.images_per_round, log=None, images=images)
     print(format_rows(rows))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -69,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
             'model': args.checkpoint or args.model,
             'decisions': 'learned' if args.checkpoint else args.policy,
             'keep': None if args.checkpoint else list(model.random_keep),
+            'inputs': 'validation images' if images is not None else 'gaussian noise',
             'machine': {'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count(),
                         'torch': torch.__version__, 'cuda': torch.cuda.get_device_name() if args.device != 'cpu'
                         else None},

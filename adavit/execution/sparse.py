@@ -98,22 +98,24 @@ def pack_tokens(
     images = torch.arange(batch_size, device=device) if run is None else run.nonzero().squeeze(1)  # (n,)
     if images.numel() == 0:
         return None
-    patterns = sizes = None
+    # Order the images by head pattern, then by kept-token count: a head group is then contiguous, and within it images
+    # of similar length are neighbours, so that attention pads each one only to a neighbour's length (``_attend``).
+    counts = torch.full_like(images, num_tokens) if tokens is None else tokens[images].sum(1)  # (n,)
+    codes = counts
     if heads is not None:
         head_bits = 1 << torch.arange(heads.shape[1], device=heads.device)
-        codes = (heads[images].long() * head_bits).sum(1)  # (n,) one integer per head pattern
-        if images.numel() > 1:
-            order = torch.argsort(codes, stable=True)
-            images, codes = images[order], codes[order]
-        patterns, sizes = torch.unique_consecutive(codes, return_counts=True)
+        codes = (heads[images].long() * head_bits).sum(1) * (num_tokens + 1) + counts  # (n,) pattern, then count
+    patterns = sizes = None
+    if images.numel() > 1 and (heads is not None or tokens is not None):
+        order = torch.argsort(codes, stable=True)
+        images, codes, counts = images[order], codes[order], counts[order]
+    if heads is not None:
+        patterns, sizes = torch.unique_consecutive(codes // (num_tokens + 1), return_counts=True)
 
     if tokens is None:
-        counts = torch.full_like(images, num_tokens)
         rows = (images[:, None] * num_tokens + torch.arange(num_tokens, device=images.device)).flatten()
     else:
-        kept = tokens[images]  # (n, N)
-        counts = kept.sum(1)
-        image_pos, token_pos = kept.nonzero().unbind(1)  # row-major: images in order, tokens ascending
+        image_pos, token_pos = tokens[images].nonzero().unbind(1)  # row-major: images in order, tokens ascending
         rows = images[image_pos] * num_tokens + token_pos  # (T,)
 
     counts_list = counts.tolist()
@@ -177,8 +179,9 @@ def _linear_into(out: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor, bia
 
 
 # Kept heads that fall in this many separate ranges or more are gathered into one weight matrix; fewer ranges run one
-# matmul per range on weight slices (no copy). See benchmarks/head_layout.py for the measurement behind the choice.
-GATHER_FROM_RUNS = 2
+# matmul per range on weight slices, with no copy. Measured on 2 CPU threads, DeiT-S shapes (138 tokens, 6 heads):
+# with 2 ranges, per-range matmuls beat gathering by 15-25% (qkv, proj, fc1); with 3, they tie on fc1 and win on qkv.
+GATHER_FROM_RUNS = 4
 
 
 def _kept_heads_matmul_into(
@@ -223,31 +226,151 @@ def _run_channels(runs: List[Tuple[int, int]], head_dim: int, device: torch.devi
     return torch.cat([torch.arange(a * head_dim, b * head_dim, device=device) for a, b in runs])
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: List[int]) -> torch.Tensor:
+# Splitting a head group's attention into one more call costs about as much as this many multiply-adds of padded work
+# (measured on a 2-core CPU: ~40 us per call of baddbmm, softmax and bmm); on a GPU, launches cost more than padding,
+# so a group is padded to its longest image in one call.
+SPLIT_COST_MACS = {'cpu': 1.5e6}
+
+# On CPU, attention over at most this many keys runs as matmul + softmax + matmul, which beats the flash kernel at the
+# lengths dropped tokens leave (2 threads: 1.2x at 138 keys x 64 channels, 1.3-1.6x at 20-45 keys x 32 channels, 1.05x
+# at 197); longer sequences, and GPUs, use scaled_dot_product_attention. Scores are made for at most
+# MATH_ATTENTION_CHUNK (image, head, query, key) entries at a time, to bound memory at large batches.
+MATH_ATTENTION_UP_TO = 256
+MATH_ATTENTION_CHUNK = 1 << 24
+
+
+def attention_buckets(counts: List[int], macs_per_pair: int, split_macs: float) -> List[Tuple[int, int, int]]:
+    """Split images of ascending token counts into consecutive buckets, each padded to its longest image.
+
+    An image joins the open bucket unless padding the bucket's images to its length costs more than one more call.
+
+    Args:
+        counts: Tokens per image, ascending.
+        macs_per_pair: Multiply-adds per (query, key) pair, 2 * heads * head_dim.
+        split_macs: What one more attention call costs, in multiply-adds.
+
+    Returns:
+        [(first image, end image, padded length)].
+    """
+    buckets, first, length = [], 0, counts[0]
+    for i, count in enumerate(counts):
+        if count != length:
+            if (i - first) * (count * count - length * length) * macs_per_pair > split_macs:
+                buckets.append((first, i, length))
+                first = i
+            length = count
+    buckets.append((first, len(counts), length))
+    return buckets
+
+
+def _qkv_buffer(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        runs: List[Tuple[int, int]],
+        head_dim: int,
+) -> torch.Tensor:
+    """q, k, v of the kept heads for the rows ``x`` (T, D), as (T + 1, h, 3, dh).
+
+    ``weight`` is the head-major qkv weight (rows [q_0; k_0; v_0; q_1; ...], ``_head_major_qkv``): each run of kept
+    heads is a row slice of it, whose matmul writes straight into its columns of the buffer (no weight copy), unless
+    there are ``GATHER_FROM_RUNS`` runs or more. The extra last row is zeros: padded attention slots read it
+    (``_attend``), so no padded buffer is ever zero-filled.
+    """
+    T, per_head = x.shape[0], 3 * head_dim
+    kept = sum(b - a for a, b in runs)
+    buffer = x.new_empty(T + 1, kept * per_head, dtype=_compute_dtype(x))
+    if len(runs) >= GATHER_FROM_RUNS:
+        rows = _run_channels(runs, per_head, x.device)
+        _linear_into(buffer[:T], x, weight.index_select(0, rows).t(),
+                     bias.index_select(0, rows) if bias is not None else None)
+    else:
+        offset = 0
+        for a, b in runs:
+            lo, hi = a * per_head, b * per_head
+            _linear_into(buffer[:T, offset:offset + hi - lo], x, weight[lo:hi].t(),
+                         bias[lo:hi] if bias is not None else None)
+            offset += hi - lo
+    buffer[T].zero_()
+    return buffer.view(T + 1, kept, 3, head_dim)
+
+
+def _normalize_qk(attn: torch.nn.Module, qkv: torch.Tensor) -> torch.Tensor:
+    """timm's optional q/k norms (``qk_norm=True``), in place on the real rows of a ``_qkv_buffer``."""
+    for part, norm in enumerate((attn.q_norm, attn.k_norm)):
+        if not isinstance(norm, torch.nn.Identity):
+            qkv[:-1, :, part] = norm(qkv[:-1, :, part])
+    return qkv
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+               out: torch.Tensor) -> None:
+    """``out = softmax(q @ k^T + bias) @ v`` for (n, h, L, dh) inputs whose q is already scaled; bias (n, 1|h, 1, L)."""
+    n, h, L, dh = q.shape
+    if q.device.type != 'cpu' or L > MATH_ATTENTION_UP_TO:
+        out.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0))
+        return
+    step = max(1, MATH_ATTENTION_CHUNK // (h * L * L))
+    for i in range(0, n, step):
+        j = min(n, i + step)
+        scores = torch.matmul(q[i:j], k[i:j].transpose(-1, -2))  # (n_i, h, L, L)
+        if bias is not None:
+            scores += bias[i:j]
+        torch.matmul(scores.softmax(-1), v[i:j], out=out[i:j])
+
+
+def _attend(qkv: torch.Tensor, counts: List[int]) -> torch.Tensor:
     """Attention of each image over its own tokens.
 
     Args:
-        q, k, v: (T, h, dh) packed rows of the images, ``counts[i]`` rows each.
+        qkv: (T + 1, h, 3, dh) from ``_qkv_buffer``: packed rows of the images, ``counts[i]`` rows each (ascending
+            when they differ), then a row of zeros. Its queries are scaled in place.
         counts: Tokens per image.
 
     Returns:
         (T, h * dh) attention outputs, packed like the inputs.
     """
-    T, h, dh = q.shape
+    T, h, dh = qkv.shape[0] - 1, qkv.shape[1], qkv.shape[3]
     n, longest = len(counts), max(counts)
+    qkv[:T, :, 0].mul_(dh ** -0.5)
     if longest * n == T:  # equal counts: a plain batch
-        q, k, v = (t.reshape(n, longest, h, dh).transpose(1, 2) for t in (q, k, v))  # (n, h, L, dh)
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(T, h * dh)
-    counts_t = torch.tensor(counts, device=q.device)
-    starts = torch.cumsum(counts_t, 0) - counts_t
-    image = torch.repeat_interleave(torch.arange(n, device=q.device), counts_t, output_size=T)
-    slot = image * longest + torch.arange(T, device=q.device) - starts[image]  # (T,) row in the padded layout
-    padded = q.new_zeros(3, n * longest, h, dh)
-    padded[0, slot], padded[1, slot], padded[2, slot] = q, k, v
-    q, k, v = padded.view(3, n, longest, h, dh).transpose(2, 3).unbind(0)  # 3 x (n, h, L, dh)
-    valid = torch.arange(longest, device=q.device)[None, :] < counts_t[:, None]  # (n, L) real keys
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])  # (n, h, L, dh)
-    return out.transpose(1, 2).reshape(n * longest, h * dh)[slot]
+        q, k, v = (qkv[:T, :, i].view(n, longest, h, dh).transpose(1, 2) for i in range(3))  # (n, h, L, dh)
+        out = qkv.new_empty(n, longest, h, dh)
+        _attention(q, k, v, None, out.transpose(1, 2))
+        return out.view(T, h * dh)
+    split_macs = SPLIT_COST_MACS.get(qkv.device.type, float('inf'))
+    buckets = attention_buckets(counts, 2 * h * dh, split_macs) if split_macs != float('inf') else [(0, n, longest)]
+
+    # Padded layout: bucket b holds (n_b, h, L_b, dh), each image padded to the bucket's length L_b, so that a bucket is
+    # one contiguous batch of n_b * h attention problems. ``slots`` places each real (token, head) in it.
+    lengths = [length for first, end, length in buckets for _ in range(end - first)]  # per image
+    dev = qkv.device
+    lengths_t, counts_t = torch.tensor([lengths, counts], device=dev).unbind(0)  # (n,) each
+    image_base = torch.cumsum(lengths_t * h, 0) - lengths_t * h  # (n,) first padded row of each image
+    starts = torch.cumsum(counts_t, 0) - counts_t  # (n,) first packed row of each image
+    image = torch.repeat_interleave(torch.arange(n, device=dev), counts_t, output_size=T)  # (T,)
+    position = torch.arange(T, device=dev) - starts[image]  # (T,) token index within its image
+    slots = ((image_base[image] + position)[:, None] + torch.arange(h, device=dev) * lengths_t[image][:, None])
+    slots = slots.flatten()  # (T * h,) in (token, head) order
+    # Each padded slot reads its q, k, v rows from the buffer, or the zero row for padding: one gather, no fill.
+    zero_row = T * h * 3
+    source = torch.full((sum(lengths) * h,), zero_row, dtype=torch.long, device=dev)
+    source[slots] = torch.arange(0, zero_row, 3, device=dev)
+    padded = qkv.view(-1, dh).index_select(0, (source + torch.arange(3, device=dev)[:, None]).flatten())
+    padded = padded.view(3, -1, dh)  # (3, P, dh)
+    bias = torch.zeros(source.shape, dtype=qkv.dtype, device=dev).masked_fill_(source == zero_row, float('-inf'))
+    out = torch.empty_like(padded[0])  # (P, dh)
+    row = 0
+    for first, end, length in buckets:
+        size = (end - first) * h * length
+        if size == 0:  # images without tokens: nothing to attend
+            continue
+        shape = (end - first, h, length, dh)
+        q, k, v = (padded[i, row:row + size].view(shape) for i in range(3))
+        bias_b = bias[row:row + size].view(end - first, h, 1, length)  # -inf at padded keys
+        _attention(q, k, v, bias_b, out[row:row + size].view(shape))
+        row += size
+    return out.index_select(0, slots).view(T, h * dh)
 
 
 def _msa(block: Block, x_normed: torch.Tensor, packing: Packing, head_mode: str) -> torch.Tensor:
@@ -258,43 +381,30 @@ def _msa(block: Block, x_normed: torch.Tensor, packing: Packing, head_mode: str)
     tokens = x_normed.reshape(-1, D)
     if packing.rows is not None:
         tokens = tokens.index_select(0, packing.rows)  # (T, D)
-    if len(packing.groups) == 1 and packing.groups[0].head_runs is None:  # every head: timm's own layers
-        q, k, v = attn.qkv(tokens).view(-1, 3, H, dh).unbind(1)  # 3 x (T, H, dh)
-        return attn.proj(_attend(attn.q_norm(q), attn.k_norm(k), v, packing.groups[0].counts))
     out = tokens.new_empty(packing.num_rows, attn.proj.out_features, dtype=_compute_dtype(tokens))
     proj_t = _transposed(attn.proj)  # (H*dh, D)
     for g in packing.groups:
         x_g, out_g = tokens[g.start:g.end], out[g.start:g.end]  # (Tg, D)
-        if g.head_runs is None:
-            qkv = F.linear(x_g, attn.qkv.weight, attn.qkv.bias).view(-1, 3, H, dh)
-            q, k, v = qkv.unbind(1)  # 3 x (Tg, H, dh)
-            _linear_into(out_g, _attend(attn.q_norm(q), attn.k_norm(k), v, g.counts), proj_t, attn.proj.bias)
-            continue
+        runs = [(0, H)] if g.head_runs is None else g.head_runs
         if head_mode == 'full':
+            if not runs:  # no head kept: only proj's bias survives
+                _kept_heads_matmul_into(out_g, x_g[:, :0], proj_t, attn.proj.bias, runs, dh, x_is_full_width=False)
+                continue
             w_qkv, b_qkv = _head_major_qkv(attn.qkv, H, parts=3)  # rows [q_h; k_h; v_h] per head
-            if len(g.head_runs) >= GATHER_FROM_RUNS:  # gather the ranges' rows into one matrix
-                rows = _run_channels(g.head_runs, 3 * dh, x_g.device)  # head-major: 3 * dh rows per head
-                selections = [(w_qkv.index_select(0, rows), b_qkv.index_select(0, rows) if b_qkv is not None
-                               else None)]
-            else:  # each range of heads is a slice of the head-major weights
-                selections = [(w_qkv[3 * dh * a:3 * dh * b], b_qkv[3 * dh * a:3 * dh * b] if b_qkv is not None
-                               else None) for a, b in g.head_runs]
-            outs = []
-            for w_sel, b_sel in selections:
-                q, k, v = F.linear(x_g, w_sel, b_sel).view(x_g.shape[0], -1, 3, dh).unbind(2)  # 3 x (Tg, h, dh)
-                outs.append(_attend(attn.q_norm(q), attn.k_norm(k), v, g.counts))  # (Tg, h*dh)
-            o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1) if outs else x_g.new_empty(x_g.shape[0], 0)
-            _kept_heads_matmul_into(out_g, o, proj_t, attn.proj.bias, g.head_runs, dh, x_is_full_width=False)
+            qkv = _normalize_qk(attn, _qkv_buffer(x_g, w_qkv, b_qkv, runs, dh))
+            _kept_heads_matmul_into(out_g, _attend(qkv, g.counts), proj_t, attn.proj.bias, runs, dh,
+                                    x_is_full_width=False)
         else:  # partial: a dropped head passes its values through, so v is needed at full width
             o = F.linear(x_g, attn.qkv.weight[2 * H * dh:], attn.qkv.bias[2 * H * dh:]
                          if attn.qkv.bias is not None else None)  # (Tg, H*dh) values of every head
             w_qk, b_qk = _head_major_qkv(attn.qkv, H, parts=2)  # rows [q_h; k_h] per head
-            for a, b in g.head_runs:
+            for a, b in runs:
                 rows = slice(a * 2 * dh, b * 2 * dh)
-                qk = F.linear(x_g, w_qk[rows], b_qk[rows] if b_qk is not None else None).view(-1, b - a, 2, dh)
-                q, k = qk.unbind(2)  # 2 x (Tg, heads in run, dh)
-                v = o[:, a * dh:b * dh].reshape(-1, b - a, dh)
-                o[:, a * dh:b * dh] = _attend(attn.q_norm(q), attn.k_norm(k), v, g.counts)
+                qkv = x_g.new_zeros(x_g.shape[0] + 1, b - a, 3, dh, dtype=o.dtype)  # the _qkv_buffer layout
+                qkv[:-1, :, :2] = F.linear(x_g, w_qk[rows], b_qk[rows] if b_qk is not None else None).view(
+                    -1, b - a, 2, dh)
+                qkv[:-1, :, 2] = o[:, a * dh:b * dh].view(-1, b - a, dh)
+                o[:, a * dh:b * dh] = _attend(_normalize_qk(attn, qkv), g.counts)
             _linear_into(out_g, o, proj_t, attn.proj.bias)
     return out
 
