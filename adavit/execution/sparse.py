@@ -84,17 +84,6 @@ def pack_tokens(
     if run is None and tokens is None and heads is None:
         return Packing(None, [HeadGroup(0, batch_size * num_tokens, [num_tokens] * batch_size, None)])
 
-    if batch_size == 1:  # latency path: the same plan from a handful of small ops
-        if run is not None and not bool(run[0]):
-            return None
-        runs = None
-        if heads is not None:
-            kept = heads[0].tolist()
-            runs = head_runs(sum(1 << h for h, k in enumerate(kept) if k), len(kept))
-        rows = None if tokens is None else tokens[0].nonzero().squeeze(1)  # (T,)
-        count = num_tokens if rows is None else rows.numel()
-        return Packing(rows, [HeadGroup(0, count, [count], runs)])
-
     images = torch.arange(batch_size, device=device) if run is None else run.nonzero().squeeze(1)  # (n,)
     if images.numel() == 0:
         return None
@@ -130,6 +119,45 @@ def pack_tokens(
         groups.append(HeadGroup(row_start, row_end, group_counts, runs))
         image_start, row_start = image_start + size, row_end
     return Packing(rows, groups)
+
+
+def plan_single_image(
+        patch_keep: Optional[torch.Tensor],
+        head_keep: Optional[torch.Tensor],
+        block_keep: Optional[torch.Tensor],
+        num_tokens: int,
+        head_mode: str,
+) -> Tuple[Optional[Packing], Optional[Packing]]:
+    """The MSA and FFN packings of a batch of one image: the latency path, planned from two host syncs.
+
+    Args:
+        patch_keep: (1, N) token decisions, or None.
+        head_keep: (1, H) head decisions, or None.
+        block_keep: (1, 2) [MSA, FFN] decisions, or None.
+        num_tokens: N.
+        head_mode: ``"full"`` (the FFN reads only the kept heads' channels) or ``"partial"``.
+
+    Returns:
+        (MSA packing, FFN packing), each None when the sub-block is skipped.
+    """
+    flags = [t[0] for t in (block_keep, head_keep) if t is not None]
+    flags = [v > 0.5 for v in torch.cat(flags).tolist()] if flags else []  # one sync for blocks and heads
+    run_msa, run_ffn = flags[:2] if block_keep is not None else (True, True)
+    runs = None
+    if head_keep is not None:
+        kept = flags[-head_keep.shape[1]:]
+        runs = None if all(kept) else head_runs(sum(1 << h for h, k in enumerate(kept) if k), len(kept))
+    rows = None if patch_keep is None else (patch_keep[0] > 0.5).nonzero().squeeze(1)  # (T,)
+    if rows is not None and rows.numel() == num_tokens:
+        rows = None
+    count = num_tokens if rows is None else rows.numel()
+    msa = Packing(rows, [HeadGroup(0, count, [count], runs)]) if run_msa else None
+    ffn_runs = runs if head_mode == 'full' else None
+    if not run_ffn:
+        return msa, None
+    if msa is not None and ffn_runs is runs:
+        return msa, msa
+    return msa, Packing(rows, [HeadGroup(0, count, [count], ffn_runs)])
 
 
 def _cached(module: torch.nn.Module, name: str, make: Callable[[], Tuple[torch.Tensor, ...]]) -> Tuple[torch.Tensor, ...]:
@@ -311,12 +339,13 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional
         out.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0))
         return
     step = max(1, MATH_ATTENTION_CHUNK // (h * L * L))
-    for i in range(0, n, step):
-        j = min(n, i + step)
-        scores = torch.matmul(q[i:j], k[i:j].transpose(-1, -2))  # (n_i, h, L, L)
-        if bias is not None:
-            scores += bias[i:j]
-        torch.matmul(scores.softmax(-1), v[i:j], out=out[i:j])
+    chunks = [(q, k, v, bias, out)] if n <= step else \
+        zip(*(t.split(step) if t is not None else [None] * -(-n // step) for t in (q, k, v, bias, out)))
+    for q_i, k_i, v_i, bias_i, out_i in chunks:
+        scores = torch.matmul(q_i, k_i.transpose(-1, -2))  # (n_i, h, L, L)
+        if bias_i is not None:
+            scores += bias_i
+        torch.matmul(scores.softmax(-1), v_i, out=out_i)
 
 
 def _attend(qkv: torch.Tensor, counts: List[int]) -> torch.Tensor:
@@ -332,9 +361,10 @@ def _attend(qkv: torch.Tensor, counts: List[int]) -> torch.Tensor:
     """
     T, h, dh = qkv.shape[0] - 1, qkv.shape[1], qkv.shape[3]
     n, longest = len(counts), max(counts)
-    qkv[:T, :, 0].mul_(dh ** -0.5)
+    q, k, v = qkv[:T].unbind(2)  # 3 x (T, h, dh)
+    q.mul_(dh ** -0.5)
     if longest * n == T:  # equal counts: a plain batch
-        q, k, v = (qkv[:T, :, i].view(n, longest, h, dh).transpose(1, 2) for i in range(3))  # (n, h, L, dh)
+        q, k, v = (t.view(n, longest, h, dh).transpose(1, 2) for t in (q, k, v))  # (n, h, L, dh)
         out = qkv.new_empty(n, longest, h, dh)
         _attention(q, k, v, None, out.transpose(1, 2))
         return out.view(T, h * dh)
@@ -384,7 +414,7 @@ def _msa(block: Block, x_normed: torch.Tensor, packing: Packing, head_mode: str)
     out = tokens.new_empty(packing.num_rows, attn.proj.out_features, dtype=_compute_dtype(tokens))
     proj_t = _transposed(attn.proj)  # (H*dh, D)
     for g in packing.groups:
-        x_g, out_g = tokens[g.start:g.end], out[g.start:g.end]  # (Tg, D)
+        x_g, out_g = (tokens, out) if len(packing.groups) == 1 else (tokens[g.start:g.end], out[g.start:g.end])
         runs = [(0, H)] if g.head_runs is None else g.head_runs
         if head_mode == 'full':
             if not runs:  # no head kept: only proj's bias survives
@@ -435,6 +465,30 @@ def _add_rows(x: torch.Tensor, rows: Optional[torch.Tensor], update: torch.Tenso
     return x.view(B * N, D).index_add_(0, rows, update).view(B, N, D)
 
 
+def _plan_batch(
+        patch_keep: Optional[torch.Tensor],
+        head_keep: Optional[torch.Tensor],
+        block_keep: Optional[torch.Tensor],
+        num_tokens: int,
+        batch_size: int,
+        head_mode: str,
+) -> Tuple[Optional[Packing], Optional[Packing]]:
+    """The MSA and FFN packings of a batch (``plan_single_image``'s arguments, for B images)."""
+    tokens = None if patch_keep is None or bool((patch_keep > 0.5).all()) else patch_keep > 0.5
+    heads = None if head_keep is None else head_keep > 0.5
+    run_msa = run_ffn = None
+    if block_keep is not None:
+        runs = block_keep > 0.5  # (B, 2)
+        both = runs.all(0).tolist()  # one sync for both checks
+        run_msa, run_ffn = (None if both[0] else runs[:, 0]), (None if both[1] else runs[:, 1])
+    msa = pack_tokens(run_msa, tokens, heads, num_tokens, batch_size)
+    # Partial deactivation leaves the FFN whole, so its tokens need no head grouping.
+    ffn_heads = heads if head_mode == 'full' else None
+    if run_ffn is None and run_msa is None and ffn_heads is heads:
+        return msa, msa  # the same images, tokens and head groups: plan once
+    return msa, pack_tokens(run_ffn, tokens, ffn_heads, num_tokens, batch_size)
+
+
 def sparse_block_forward(
         block: Block,
         x: torch.Tensor,
@@ -461,24 +515,14 @@ def sparse_block_forward(
         Block output, (B, N, D).
     """
     B, N, _ = x.shape
-    tokens = None if patch_keep is None or bool((patch_keep > 0.5).all()) else patch_keep > 0.5
-    heads = None if head_keep is None else head_keep > 0.5
-    run_msa = run_ffn = None
-    if block_keep is not None:
-        runs = block_keep > 0.5  # (B, 2)
-        both = runs.all(0).tolist()  # one sync for both checks
-        run_msa, run_ffn = (None if both[0] else runs[:, 0]), (None if both[1] else runs[:, 1])
-
-    msa_packing = pack_tokens(run_msa, tokens, heads, N, B)
+    if B == 1:
+        msa_packing, ffn_packing = plan_single_image(patch_keep, head_keep, block_keep, N, head_mode)
+    else:
+        msa_packing, ffn_packing = _plan_batch(patch_keep, head_keep, block_keep, N, B, head_mode)
     if msa_packing is not None:
         x = _add_rows(x, msa_packing.rows, block.ls1(_msa(block, x_normed, msa_packing, head_mode)))
 
-    # Partial deactivation leaves the FFN whole, so its tokens need no head grouping.
-    ffn_heads = heads if head_mode == 'full' else None
-    if run_ffn is None and run_msa is None and (ffn_heads is heads):
-        packing = msa_packing  # the same images, tokens and head groups: plan once
-    else:
-        packing = pack_tokens(run_ffn, tokens, ffn_heads, N, B)
+    packing = ffn_packing
     if packing is not None:
         x_ffn = x.reshape(B * N, -1) if packing.rows is None else x.reshape(B * N, -1)[packing.rows]
         x = _add_rows(x, packing.rows, block.ls2(_ffn(block, x_ffn, packing, block.attn.head_dim)))
