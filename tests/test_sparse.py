@@ -243,3 +243,15 @@ def test_sparse_under_bf16_autocast_matches_masked():
         model.executor = 'sparse'
         sparse = model(x, decisions=decisions).float()
     assert torch.allclose(masked, sparse, atol=0.05, rtol=0.05)
+
+
+def test_sparse_with_bf16_weights_matches_masked():
+    """`adavit benchmark --dtype bf16` casts weights and inputs: padded attention must stay finite in bf16."""
+    model = AdaViT(**TINY).eval().to(torch.bfloat16)
+    d = _random_decisions(9, seed=12, edge='mixed')
+    decisions = Decisions(d.patch.bfloat16(), d.head.bfloat16(), d.block.bfloat16(), d.patch_gated, d.head_gated,
+                          d.block_gated)  # what the model's own gates give in bf16
+    x = torch.randn(9, 3, 32, 32, dtype=torch.bfloat16)
+    (masked, _), (sparse, _) = _both(model, x, decisions)
+    assert torch.isfinite(sparse).all()
+    assert torch.allclose(masked.float(), sparse.float(), atol=0.05, rtol=0.05)
