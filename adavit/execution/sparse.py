@@ -259,11 +259,12 @@ def _run_channels(runs: List[Tuple[int, int]], head_dim: int, device: torch.devi
 # so a group is padded to its longest image in one call.
 SPLIT_COST_MACS = {'cpu': 1.5e6}
 
-# On CPU, attention over at most this many keys runs as matmul + softmax + matmul, which beats the flash kernel at the
-# lengths dropped tokens leave (2 threads: 1.2x at 138 keys x 64 channels, 1.3-1.6x at 20-45 keys x 32 channels, 1.05x
-# at 197); longer sequences, and GPUs, use scaled_dot_product_attention. Scores are made for at most
-# MATH_ATTENTION_CHUNK (image, head, query, key) entries at a time, to bound memory at large batches.
-MATH_ATTENTION_UP_TO = 256
+# On CPU, attention over at most this many keys runs as matmul + softmax + matmul, which beats the flash kernel on the
+# short sequences dropped tokens leave (2 threads, 3 heads of 32 channels: 1.3-1.6x at 20-45 keys). Longer sequences,
+# and GPUs, use scaled_dot_product_attention: in a DeiT-S at batch 1 the two tie, and on batches flash wins (64 images
+# of 137-197 keys: 5-10%). Scores are made for at most MATH_ATTENTION_CHUNK (image, head, query, key) entries at a
+# time, to bound memory at large batches.
+MATH_ATTENTION_UP_TO = 64
 MATH_ATTENTION_CHUNK = 1 << 24
 
 
