@@ -91,13 +91,14 @@ def test_sparse_matches_masked_when_kept_heads_are_gathered(monkeypatch, gather_
         assert torch.allclose(masked, out, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize('math_up_to', [0, 64])
+@pytest.mark.parametrize('math_up_to,chunk', [(0, 1 << 24), (64, 1 << 24), (64, 1 << 13)])
 @pytest.mark.parametrize('split_macs', [0.0, 1.5e6, float('inf')])
-def test_sparse_matches_masked_for_any_attention_bucketing(monkeypatch, split_macs, math_up_to):
+def test_sparse_matches_masked_for_any_attention_bucketing(monkeypatch, split_macs, math_up_to, chunk):
     """One bucket per token count, the CPU default, and one padded bucket give the masked reference's logits, with
-    the matmul attention and with scaled_dot_product_attention (math_up_to=0)."""
+    scaled_dot_product_attention (math_up_to=0) and the matmul attention, whole or a few images at a time."""
     monkeypatch.setitem(sparse.SPLIT_COST_MACS, 'cpu', split_macs)
     monkeypatch.setattr(sparse, 'MATH_ATTENTION_UP_TO', math_up_to)
+    monkeypatch.setattr(sparse, 'MATH_ATTENTION_CHUNK', chunk)
     model = AdaViT(qk_norm=True, **TINY).eval()  # qk_norm: the optional q/k norms are applied on the packed rows
     decisions = _random_decisions(32, seed=5, edge='mixed')
     (masked, _), (out, _) = _both(model, torch.randn(32, 3, 32, 32), decisions)
