@@ -332,21 +332,29 @@ def _normalize_qk(attn: torch.nn.Module, qkv: torch.Tensor) -> torch.Tensor:
     return qkv
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-               out: torch.Tensor) -> None:
-    """``out = softmax(q @ k^T + bias) @ v`` for (n, h, L, dh) inputs whose q is already scaled; bias (n, 1|h, 1, L)."""
+def _attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        scale: float,
+        out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``softmax(scale * q @ k^T + bias) @ v`` for (n, h, L, dh) inputs, bias (n, h, 1, L) or None; into ``out``."""
     n, h, L, dh = q.shape
     if q.device.type != 'cpu' or L > MATH_ATTENTION_UP_TO:
-        out.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0))
-        return
+        result = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        return result if out is None else out.copy_(result)
+    out = q.new_empty(q.shape) if out is None else out
     step = max(1, MATH_ATTENTION_CHUNK // (h * L * L))
     chunks = [(q, k, v, bias, out)] if n <= step else \
         zip(*(t.split(step) if t is not None else [None] * -(-n // step) for t in (q, k, v, bias, out)))
     for q_i, k_i, v_i, bias_i, out_i in chunks:
-        scores = torch.matmul(q_i, k_i.transpose(-1, -2))  # (n_i, h, L, L)
+        scores = torch.matmul(q_i * scale, k_i.transpose(-1, -2))  # (n_i, h, L, L)
         if bias_i is not None:
             scores += bias_i
         torch.matmul(scores.softmax(-1), v_i, out=out_i)
+    return out
 
 
 def _attend(qkv: torch.Tensor, counts: List[int]) -> torch.Tensor:
@@ -354,7 +362,7 @@ def _attend(qkv: torch.Tensor, counts: List[int]) -> torch.Tensor:
 
     Args:
         qkv: (T + 1, h, 3, dh) from ``_qkv_buffer``: packed rows of the images, ``counts[i]`` rows each (ascending
-            when they differ), then a row of zeros. Its queries are scaled in place.
+            when they differ), then a row of zeros.
         counts: Tokens per image.
 
     Returns:
@@ -362,13 +370,10 @@ def _attend(qkv: torch.Tensor, counts: List[int]) -> torch.Tensor:
     """
     T, h, dh = qkv.shape[0] - 1, qkv.shape[1], qkv.shape[3]
     n, longest = len(counts), max(counts)
-    q, k, v = qkv[:T].unbind(2)  # 3 x (T, h, dh)
-    q.mul_(dh ** -0.5)
+    scale = dh ** -0.5
     if longest * n == T:  # equal counts: a plain batch
-        q, k, v = (t.view(n, longest, h, dh).transpose(1, 2) for t in (q, k, v))  # (n, h, L, dh)
-        out = qkv.new_empty(n, longest, h, dh)
-        _attention(q, k, v, None, out.transpose(1, 2))
-        return out.view(T, h * dh)
+        q, k, v = (t.view(n, longest, h, dh).transpose(1, 2) for t in qkv[:T].unbind(2))  # (n, h, L, dh)
+        return _attention(q, k, v, None, scale).transpose(1, 2).reshape(T, h * dh)
     split_macs = SPLIT_COST_MACS.get(qkv.device.type, float('inf'))
     buckets = attention_buckets(counts, 2 * h * dh, split_macs) if split_macs != float('inf') else [(0, n, longest)]
 
@@ -399,7 +404,7 @@ def _attend(qkv: torch.Tensor, counts: List[int]) -> torch.Tensor:
         shape = (end - first, h, length, dh)
         q, k, v = (padded[i, row:row + size].view(shape) for i in range(3))
         bias_b = bias[row:row + size].view(end - first, h, 1, length)  # -inf at padded keys
-        _attention(q, k, v, bias_b, out[row:row + size].view(shape))
+        _attention(q, k, v, bias_b, scale, out[row:row + size].view(shape))
         row += size
     return out.index_select(0, slots).view(T, h * dh)
 
@@ -412,6 +417,10 @@ def _msa(block: Block, x_normed: torch.Tensor, packing: Packing, head_mode: str)
     tokens = x_normed.reshape(-1, D)
     if packing.rows is not None:
         tokens = tokens.index_select(0, packing.rows)  # (T, D)
+    first = packing.groups[0]
+    if len(packing.groups) == 1 and first.head_runs is None and max(first.counts) * len(first.counts) == len(tokens):
+        # every head, images of equal token counts: timm's own attention module, on (n, L, D)
+        return attn(tokens.view(len(first.counts), -1, D)).view(-1, D)
     out = tokens.new_empty(packing.num_rows, attn.proj.out_features, dtype=_compute_dtype(tokens))
     proj_t = _transposed(attn.proj)  # (H*dh, D)
     for g in packing.groups:
