@@ -1,13 +1,17 @@
 """The speed benchmark's bookkeeping (not its timings): MACs, ratios and the JSON it writes."""
+import argparse
 import json
+import os
 
 import pytest
 import torch
 
 from adavit import AdaViT
+from adavit.cli.benchmark import validation_images
 from adavit.cli.main import main
 from adavit.cost.benchmark import format_rows, measure_speed
-from adavit.cost.macs import dense_macs
+from adavit.cost.macs import decision_macs, dense_macs
+from adavit.training.checkpoint import load_model
 
 
 def test_measure_speed_reports_consistent_ratios():
@@ -48,11 +52,6 @@ def test_benchmark_cli_rejects_unknown_model(capsys):
 
 def test_benchmark_cli_times_a_checkpoint_on_its_own_validation_images(tmp_path, capsys):
     """Learned gates decide from content: a checkpoint is timed (and costed) on real test images, not noise."""
-    import os
-
-    from adavit.cli.benchmark import validation_images
-    from adavit.cost.macs import decision_macs
-    from adavit.training.checkpoint import load_model
     checkpoint = os.path.join(os.path.dirname(__file__), '..', 'checkpoints', 'fashion_mnist_adavit.pt')
     out = tmp_path / 'speed.json'
     assert main(['benchmark', '--checkpoint', checkpoint, '--batch-sizes', '4', '--warmup', '0', '--repeats', '1',
@@ -60,7 +59,7 @@ def test_benchmark_cli_times_a_checkpoint_on_its_own_validation_images(tmp_path,
     result = json.loads(out.read_text())
     assert result['inputs'] == 'validation images' and '4 validation images' in capsys.readouterr().out
     model = load_model(checkpoint)
-    images = validation_images(model, type('Args', (), {'data': None, 'data_dir': None, 'checkpoint': checkpoint}), 4)
+    images = validation_images(model, argparse.Namespace(data=None, data_dir=None, checkpoint=checkpoint), 4)
     assert images.shape == (4, 1, 28, 28)
     with torch.no_grad():
         _, decisions = model(images, return_decisions=True)

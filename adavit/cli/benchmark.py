@@ -8,7 +8,7 @@ from typing import List, Optional
 import timm
 import torch
 
-from ..cost.benchmark import format_rows, measure_speed, rows_as_dicts
+from ..cost.benchmark import batches_per_round, format_rows, measure_speed, rows_as_dicts
 from ..errors import ConfigError
 from ..model.adavit import AdaViT
 
@@ -79,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
     print(f'# {args.checkpoint or args.model}, decisions: '
           f'{"learned" if args.checkpoint else args.policy}{"" if args.checkpoint else f" keep={model.random_keep}"}',
           flush=True)
-    # as many images as measure_speed's largest round holds: up to 8 distinct batches per batch size
-    needed = max(b * max(1, min(8, args.images_per_round // b)) for b in args.batch_sizes)
+    needed = max(b * batches_per_round(b, args.images_per_round) for b in args.batch_sizes)  # the largest round
     images = validation_images(model, args, needed)
     print(f'# inputs: {f"{len(images)} validation images" if images is not None else "Gaussian noise"}', flush=True)
     rows = measure_speed(model, args.batch_sizes, args.threads, args.device, args.dtype, args.warmup, args.repeats,

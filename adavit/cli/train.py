@@ -84,7 +84,7 @@ def flag_overrides(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
 def resolve(args: argparse.Namespace) -> Dict[str, Any]:
     """The run's config: the resumed checkpoint's (if any) <- ``--config`` <- ``--set`` <- flags."""
-    from ..training.config import build_config, parse_override, read_yaml
+    from ..training.config import build_config, parse_override
     from ..training.checkpoint import read_checkpoint
     from ..training.trainer import resolve_resume
     base = None
@@ -99,11 +99,10 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
     overrides = [parse_override(item) for item in args.overrides] + flag_overrides(args)
     config = build_config(args.config, overrides, base=base)
     model = config['model']
-    if args.policy == 'random' and args.config and config['train'].get('export'):
-        file_export = ((read_yaml(args.config).get('train') or {}).get('export'))
-        if file_export and config['train']['export'] == file_export:
-            raise ConfigError(f'--policy random would export the Random+ weights over {file_export}, the learned '
-                              f'model of {args.config}: add --set train.export=PATH (or train.export=null)')
+    export_overridden = any('export' in (layer.get('train') or {}) for layer in overrides)
+    if args.policy == 'random' and args.config and config['train'].get('export') and not export_overridden:
+        raise ConfigError(f'--policy random would export the Random+ weights over {config["train"]["export"]}, the '
+                          f'learned model of {args.config}: add --set train.export=PATH (or train.export=null)')
     if model.get('policy') == 'random' and 'random_keep' not in model:
         # Random+ runs at the budgets the learned policy is trained toward, unless told otherwise.
         model['random_keep'] = [float(b) for b in config['loss']['budgets']]

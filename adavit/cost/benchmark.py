@@ -59,6 +59,11 @@ def _timer(model: nn.Module, inputs: List[torch.Tensor], reseed: bool, device: t
     return run
 
 
+def batches_per_round(batch_size: int, images_per_round: int, max_inputs: int = 8) -> int:
+    """How many distinct input batches ``measure_speed`` times per round at ``batch_size``: at least one."""
+    return max(1, min(max_inputs, images_per_round // batch_size))
+
+
 @torch.no_grad()
 def measure_speed(
         model: AdaViT,
@@ -106,7 +111,7 @@ def measure_speed(
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for batch_size in batch_sizes:
-        count = max(1, min(max_inputs, images_per_round // batch_size))
+        count = batches_per_round(batch_size, images_per_round, max_inputs)
         if images is not None:
             index = torch.arange(count * batch_size) % images.shape[0]
             inputs = [images[index[i * batch_size:(i + 1) * batch_size]].to(dev, cast) for i in range(count)]

@@ -5,10 +5,11 @@ Per block, for each sub-block (MSA, FFN):
 * only the images that run it are processed, and of those only their kept tokens, packed across the batch, so that
   token-wise layers (norms, linears, MLP) run once on a (T, D) matrix of real tokens;
 * images are grouped by their head pattern; a group's q, k, v, proj and (full deactivation) fc1 use only its kept
-  heads' weights, so a dropped head costs nothing. One contiguous range of kept heads is a slice of the (re-laid-out,
-  cached) weights; several ranges are gathered into one matrix per group;
-* attention runs per image over its kept tokens only: images of a group with equal token counts form a batch, others
-  are padded to the group's longest and masked (the only wasted work, and only in the small T x T products).
+  heads' weights, so a dropped head costs nothing. Each contiguous range of kept heads is a slice of the (re-laid-out,
+  cached) weights with a matmul of its own; only many ranges are gathered into one matrix (``GATHER_FROM_RUNS``);
+* attention runs per image over its kept tokens only: images of a group with equal token counts form a batch; others,
+  sorted by token count, run in buckets padded to the bucket's longest image and masked (``attention_buckets``: the
+  only wasted work, and only in the small T x T products).
 
 The output equals the masked reference (``masked.py``) up to float rounding: a dropped token's MSA and FFN outputs are
 multiplied by 0 there, so it passes through unchanged, and a kept query only ever sees kept keys.
@@ -19,8 +20,6 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
-
-
 
 
 @dataclass
@@ -121,7 +120,7 @@ def pack_tokens(
     return Packing(rows, groups)
 
 
-def plan_single_image(
+def _plan_single_image(
         patch_keep: Optional[torch.Tensor],
         head_keep: Optional[torch.Tensor],
         block_keep: Optional[torch.Tensor],
@@ -255,8 +254,8 @@ def _run_channels(runs: List[Tuple[int, int]], head_dim: int, device: torch.devi
 
 
 # Splitting a head group's attention into one more call costs about as much as this many multiply-adds of padded work
-# (measured on a 2-core CPU: ~40 us per call of baddbmm, softmax and bmm); on a GPU, launches cost more than padding,
-# so a group is padded to its longest image in one call.
+# (measured on a 2-core CPU: ~40 us per call of matmul, softmax and matmul); on a GPU, launches cost more than
+# padding, so a group is padded to its longest image in one call.
 SPLIT_COST_MACS = {'cpu': 1.5e6}
 
 # On CPU, attention over at most this many keys runs as matmul + softmax + matmul, which beats the flash kernel on the
@@ -347,13 +346,12 @@ def _attention(
         return result if out is None else out.copy_(result)
     out = q.new_empty(q.shape) if out is None else out
     step = max(1, MATH_ATTENTION_CHUNK // (h * L * L))
-    chunks = [(q, k, v, bias, out)] if n <= step else \
-        zip(*(t.split(step) if t is not None else [None] * -(-n // step) for t in (q, k, v, bias, out)))
-    for q_i, k_i, v_i, bias_i, out_i in chunks:
-        scores = torch.matmul(q_i * scale, k_i.transpose(-1, -2))  # (n_i, h, L, L)
-        if bias_i is not None:
-            scores += bias_i
-        torch.matmul(scores.softmax(-1), v_i, out=out_i)
+    for i in range(0, n, step):
+        part = slice(i, i + step)
+        scores = torch.matmul(q[part] * scale, k[part].transpose(-1, -2))  # (n_i, h, L, L)
+        if bias is not None:
+            scores += bias[part]
+        torch.matmul(scores.softmax(-1), v[part], out=out[part])
     return out
 
 
@@ -374,8 +372,7 @@ def _attend(qkv: torch.Tensor, counts: List[int]) -> torch.Tensor:
     if longest * n == T:  # equal counts: a plain batch
         q, k, v = (t.view(n, longest, h, dh).transpose(1, 2) for t in qkv[:T].unbind(2))  # (n, h, L, dh)
         return _attention(q, k, v, None, scale).transpose(1, 2).reshape(T, h * dh)
-    split_macs = SPLIT_COST_MACS.get(qkv.device.type, float('inf'))
-    buckets = attention_buckets(counts, 2 * h * dh, split_macs) if split_macs != float('inf') else [(0, n, longest)]
+    buckets = attention_buckets(counts, 2 * h * dh, SPLIT_COST_MACS.get(qkv.device.type, float('inf')))
 
     # Padded layout: bucket b holds (n_b, h, L_b, dh), each image padded to the bucket's length L_b, so that a bucket is
     # one contiguous batch of n_b * h attention problems. ``slots`` places each real (token, head) in it.
@@ -483,7 +480,7 @@ def _plan_batch(
         batch_size: int,
         head_mode: str,
 ) -> Tuple[Optional[Packing], Optional[Packing]]:
-    """The MSA and FFN packings of a batch (``plan_single_image``'s arguments, for B images)."""
+    """The MSA and FFN packings of a batch (``_plan_single_image``'s arguments, for B images)."""
     tokens = None if patch_keep is None or bool((patch_keep > 0.5).all()) else patch_keep > 0.5
     heads = None if head_keep is None else head_keep > 0.5
     run_msa = run_ffn = None
@@ -526,15 +523,15 @@ def sparse_block_forward(
     """
     B, N, _ = x.shape
     if B == 1:
-        msa_packing, ffn_packing = plan_single_image(patch_keep, head_keep, block_keep, N, head_mode)
+        msa_packing, ffn_packing = _plan_single_image(patch_keep, head_keep, block_keep, N, head_mode)
     else:
         msa_packing, ffn_packing = _plan_batch(patch_keep, head_keep, block_keep, N, B, head_mode)
     if msa_packing is not None:
         x = _add_rows(x, msa_packing.rows, block.ls1(_msa(block, x_normed, msa_packing, head_mode)))
 
-    packing = ffn_packing
-    if packing is not None:
-        x_ffn = x.reshape(B * N, -1) if packing.rows is None else x.reshape(B * N, -1)[packing.rows]
-        x = _add_rows(x, packing.rows, block.ls2(_ffn(block, x_ffn, packing, block.attn.head_dim)))
+    if ffn_packing is not None:
+        rows = ffn_packing.rows
+        x_ffn = x.reshape(B * N, -1) if rows is None else x.reshape(B * N, -1)[rows]
+        x = _add_rows(x, rows, block.ls2(_ffn(block, x_ffn, ffn_packing, block.attn.head_dim)))
     return x
 
