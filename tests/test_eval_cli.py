@@ -83,3 +83,19 @@ def test_eval_dense_checkpoint(tmp_path, fmnist_dir, tiny_backbone):  # noqa: F8
     assert report['gmacs_mean'] == pytest.approx(report['dense_gmacs'])
     assert report['dense_top1'] == report['top1']
     assert all(v == 1.0 for kind in report['keep'].values() for v in kind)
+
+
+def test_policy_frozen_fine_tuning_trains_only_the_backbone(tmp_path, fmnist_dir, tiny_adavit):  # noqa: F811
+    """``model.train_decisions=eval``: training applies the served decisions; the decision networks stay as trained."""
+    config = write_config(str(tmp_path / 'adapt.yaml'), fmnist_dir, init=tiny_adavit, train={'epochs': 1},
+                          model={'train_decisions': 'eval'})
+    result = run_cli(['train', '--config', config, '--output', str(tmp_path / 'run'), '--max-steps', '3'])
+    assert result.returncode == 0, result.stderr
+    before = read_checkpoint(tiny_adavit)['model']
+    after = read_checkpoint(str(tmp_path / 'run' / 'last.pt'))['model']
+    gates = [k for k in before if any(g in k for g in ('.patch_gate.', '.head_gate.', '.block_gate.'))]
+    assert len(gates) == 8  # weight and bias: patch gates in both blocks, head and block gates in block 1 only
+    for key in gates:
+        assert torch.equal(before[key], after[key]), key
+    assert not torch.equal(before['blocks.0.mlp.fc1.weight'], after['blocks.0.mlp.fc1.weight'])
+    assert read_checkpoint(str(tmp_path / 'run' / 'last.pt'))['config']['model']['train_decisions'] == 'eval'

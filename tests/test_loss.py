@@ -166,11 +166,40 @@ def test_random_policy_is_seeded_and_near_budgets() -> None:
     assert first.patch[:, :, 1:].mean().item() == pytest.approx(keep[0], abs=0.03)
     assert first.head[:, 1:].mean().item() == pytest.approx(keep[1], abs=0.08)
     assert first.block[:, 1:].mean().item() == pytest.approx(keep[2], abs=0.08)
+    assert bool(first.patch[:, :, 0].all())  # the class token is never dropped
     # The random policy ignores the images: the same draw for any input once reseeded.
     model.reset_random_policy()
     with torch.no_grad():
         _, on_noise = model(torch.randn_like(x), return_decisions=True)
     assert torch.equal(first.patch, on_noise.patch)
+
+
+@pytest.mark.parametrize('eval_rule', ['released', 'consistent'])
+def test_train_decisions_eval_trains_under_the_served_decisions(eval_rule) -> None:
+    model = adavit.AdaViT(**TINY.model_kwargs(), train_decisions='eval', eval_rule=eval_rule, executor='masked')
+    for p in model.parameters():  # decision networks with some spread, so that units are dropped
+        torch.nn.init.normal_(p, std=0.3) if p.ndim > 1 else None
+    x = torch.randn(16, 3, TINY.img_size, TINY.img_size)
+    with torch.no_grad():
+        served_logits, served = model.eval()(x, return_decisions=True)
+        trained_logits, trained = model.train()(x, return_decisions=True)
+    assert 0.0 < served.patch[:, :, 1:].mean().item() < 1.0
+    for kind in ('patch', 'head', 'block'):
+        assert torch.equal(getattr(served, kind), getattr(trained, kind)), kind
+    torch.testing.assert_close(trained_logits, served_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_random_policy_draws_only_the_gates_a_block_has() -> None:
+    keep = (0.3, 0.4, 0.6)
+    kwargs = dict(TINY.model_kwargs(), gates=('head', 'block'), keep_layers=1)
+    model = adavit.AdaViT(**kwargs, policy='random', random_keep=keep, executor='masked').eval()
+    with torch.no_grad():
+        _, d = model(torch.randn(256, 3, TINY.img_size, TINY.img_size), return_decisions=True)
+    assert bool(d.patch.eq(1).all())  # no patch gates: every token runs
+    assert bool(d.head[:, 0].eq(1).all()) and bool(d.block[:, 0].eq(1).all())  # block 0 has no gates
+    # Binomial standard errors: heads 256*3*TINY heads, blocks 256*3*2 draws (both ~0.012).
+    assert d.head[:, 1:].mean().item() == pytest.approx(keep[1], abs=0.05)
+    assert d.block[:, 1:].mean().item() == pytest.approx(keep[2], abs=0.05)
 
 
 def test_random_policy_training_gives_every_parameter_a_gradient() -> None:

@@ -59,7 +59,7 @@ def _timer(model: nn.Module, inputs: List[torch.Tensor], reseed: bool, device: t
     return run
 
 
-def batches_per_round(batch_size: int, images_per_round: int, max_inputs: int = 8) -> int:
+def batches_per_round(batch_size: int, images_per_round: int, max_inputs: int = 32) -> int:
     """How many distinct input batches ``measure_speed`` times per round at ``batch_size``: at least one."""
     return max(1, min(max_inputs, images_per_round // batch_size))
 
@@ -74,7 +74,7 @@ def measure_speed(
         warmup: int = 2,
         repeats: int = 5,
         images_per_round: int = 64,
-        max_inputs: int = 8,
+        max_inputs: int = 32,
         seed: int = 0,
         log: Optional[Callable[[str], None]] = None,
         images: Optional[torch.Tensor] = None,
@@ -92,7 +92,8 @@ def measure_speed(
         repeats: Timed rounds; the median is reported.
         images_per_round: A round covers about this many images (at least one batch), so that small batches are
             timed over several inputs with different decisions.
-        max_inputs: At most this many distinct input batches per round.
+        max_inputs: At most this many distinct input batches per round. At batch 1 each input has its own decisions,
+            so a round of 32 averages the speed over 32 decision patterns, not over a handful of draws.
         seed: Seed of the random inputs.
         log: Called with a progress line per batch size.
         images: Real (preprocessed) images to time on instead of Gaussian noise, (n, C, H, W); batches cycle through

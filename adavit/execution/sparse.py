@@ -526,6 +526,16 @@ def sparse_block_forward(
         msa_packing, ffn_packing = _plan_single_image(patch_keep, head_keep, block_keep, N, head_mode)
     else:
         msa_packing, ffn_packing = _plan_batch(patch_keep, head_keep, block_keep, N, B, head_mode)
+    rows = None if msa_packing is None or ffn_packing is None else msa_packing.rows
+    if rows is not None and ffn_packing.rows is rows:
+        # Both sub-blocks update the same rows: gather the residual rows once, add both updates on the packed (T, D)
+        # matrix, and write them back once, instead of a scatter-add, a gather and a scatter-add.
+        flat = x.view(B * N, -1)
+        x_kept = flat.index_select(0, rows)  # (T, D)
+        x_kept += block.ls1(_msa(block, x_normed, msa_packing, head_mode)).to(x.dtype)
+        x_kept += block.ls2(_ffn(block, x_kept, ffn_packing, block.attn.head_dim)).to(x.dtype)
+        return flat.index_copy_(0, rows, x_kept).view(B, N, -1)
+
     if msa_packing is not None:
         x = _add_rows(x, msa_packing.rows, block.ls1(_msa(block, x_normed, msa_packing, head_mode)))
 

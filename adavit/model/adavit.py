@@ -27,6 +27,7 @@ PATCH_POLICIES = ('token', 'cls')
 POLICIES = ('learned', 'random')
 EXECUTORS = ('sparse', 'masked')
 EVAL_RULES = ('released', 'consistent')
+TRAIN_DECISIONS = ('gumbel', 'eval')
 
 
 @dataclass
@@ -87,6 +88,7 @@ class AdaViT(VisionTransformer):
             random_seed: int = 0,
             executor: str = 'sparse',
             eval_rule: str = 'released',
+            train_decisions: str = 'gumbel',
             **kwargs: Any,
     ) -> None:
         """
@@ -111,6 +113,10 @@ class AdaViT(VisionTransformer):
                 keep iff ``sigmoid(z / tau) > threshold``, i.e. iff training's noisy rule keeps the unit more often
                 than not. They differ where the threshold is not 0.5 (patches: 0.6), where the released rule keeps
                 far more patches at eval than in training (SPEC.md, "Measured weakness"). Opt-in.
+            train_decisions: Decisions of the learned policy in training. ``"gumbel"``: Gumbel-sigmoid samples, which
+                train the decision networks (the method). ``"eval"``: the noise-free eval decisions, so that a trained
+                model's backbone adapts to exactly the decisions it will serve; the decision networks get no gradient
+                and the trainer freezes them. Opt-in, for a last fine-tuning stage.
             **kwargs: Keyword arguments of timm's ``VisionTransformer``.
         """
         unknown = sorted(set(gates) - set(GATES))
@@ -119,6 +125,7 @@ class AdaViT(VisionTransformer):
         _check_choice('policy', policy, POLICIES)
         _check_choice('executor', executor, EXECUTORS)
         _check_choice('eval_rule', eval_rule, EVAL_RULES)
+        _check_choice('train_decisions', train_decisions, TRAIN_DECISIONS)
         if unknown:
             raise ConfigError(f'unknown gates {unknown}: choose from {list(GATES)}')
         if len(random_keep) != 3 or not all(0.0 <= p <= 1.0 for p in random_keep):
@@ -134,7 +141,7 @@ class AdaViT(VisionTransformer):
             gates=list(gates), keep_layers=keep_layers, patch_start_layer=patch_start_layer,
             patch_threshold=patch_threshold, head_threshold=head_threshold, block_threshold=block_threshold,
             tau=tau, head_mode=head_mode, patch_policy=patch_policy, policy=policy, random_keep=list(random_keep),
-            random_seed=random_seed, eval_rule=eval_rule,
+            random_seed=random_seed, eval_rule=eval_rule, train_decisions=train_decisions,
         )
         self.patch_threshold = patch_threshold
         self.head_threshold = head_threshold
@@ -147,7 +154,9 @@ class AdaViT(VisionTransformer):
         self.random_seed = random_seed
         self.executor = executor
         self.eval_rule = eval_rule
+        self.train_decisions = train_decisions
         self._generator: Optional[torch.Generator] = None
+        self._random_keep_row: Optional[Tuple[tuple, torch.Tensor]] = None  # (key, keep probabilities of one block)
 
         depth = len(self.blocks)
         num_patches = self.patch_embed.num_patches
@@ -190,7 +199,7 @@ class AdaViT(VisionTransformer):
             # Zero-valued link to the logits: every parameter takes part in the graph, so DDP needs no
             # find_unused_parameters, and the decision networks stay untrained.
             return draw + 0.0 * logits if self.training else draw
-        if self.training:
+        if self.training and self.train_decisions == 'gumbel':
             return gumbel_sigmoid_hard(logits, self.tau, threshold)
         if self.eval_rule == 'consistent':
             # Keep a unit iff training keeps it more often than not: sigmoid((z + noise) / tau) > thr holds with
@@ -201,6 +210,8 @@ class AdaViT(VisionTransformer):
     def block_decisions(self, index: int, x: torch.Tensor, x_normed: torch.Tensor) -> BlockDecisions:
         """The decisions of block ``index`` for its input ``x`` (B, N, D) and ``x_normed = norm1(x)``."""
         blk = self.blocks[index]
+        if self.policy == 'random' and not self.training:
+            return self._random_block_decisions(blk, x)
         cls_token = x[:, 0]  # (B, D), raw: the head and block gates read it before any norm
         need_logits = self.policy == 'learned' or self.training
         patch = head = block = None
@@ -216,6 +227,26 @@ class AdaViT(VisionTransformer):
             logits = blk.block_gate(cls_token) if need_logits else x.new_zeros(x.shape[0], 2)
             block = self._decide(logits, self.block_threshold, self.random_keep[2])
         return BlockDecisions(patch, head, block)
+
+    def _random_block_decisions(self, blk: nn.Module, x: torch.Tensor) -> BlockDecisions:
+        """The random policy's eval decisions for one block, from a single draw (per gate, the ops of ``_decide`` would
+        cost about 1% of a DeiT-S forward at batch 1). A unit is kept when its uniform draw in [0, 1) falls below its
+        keep probability, so the prefix tokens, at probability 1, always are."""
+        if self._generator is None:
+            self.reset_random_policy()
+        B, N = x.shape[:2]
+        widths = (N if blk.patch_gate is not None else 0,
+                  blk.attn.num_heads if blk.head_gate is not None else 0,
+                  2 if blk.block_gate is not None else 0)
+        key = (widths, self.random_keep, self.num_prefix_tokens)
+        if self._random_keep_row is None or self._random_keep_row[0] != key:
+            prefix = min(self.num_prefix_tokens, widths[0])
+            row = [1.0] * prefix + [self.random_keep[0]] * (widths[0] - prefix)
+            row += [self.random_keep[1]] * widths[1] + [self.random_keep[2]] * widths[2]
+            self._random_keep_row = (key, torch.tensor(row))
+        draw = torch.rand(B, sum(widths), generator=self._generator) < self._random_keep_row[1]  # (B, N + H + 2)
+        parts = draw.to(device=x.device, dtype=x.dtype).split(widths, dim=1)
+        return BlockDecisions(*(part if width else None for part, width in zip(parts, widths)))
 
     # ----------------------------------------------------------------------------------------------------------------
     # Forward

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..losses.usage import AdaViTLoss
-from ..model.adavit import AdaViT
+from ..model.adavit import AdaViT, gate_keys
 from .builder import InitInfo, build_model, build_teacher, initialize, is_gated
 from .checkpoint import (FORMAT, capture_rng, list_ranks, plain_state, read_checkpoint, restore_rng, save_atomic,
                          weights_hash)
@@ -139,6 +139,11 @@ class Trainer:
         self.total_steps = self.steps_in_epoch * int(tc['epochs'])
 
         self.model.to(env.device)
+        if isinstance(self.model, AdaViT) and self.model.policy == 'learned' and self.model.train_decisions == 'eval':
+            # Noise-free decisions pass no gradient to the decision networks: freeze them, so that the optimizer
+            # leaves them as they are (no weight decay either) and DDP sees no parameter without a gradient.
+            for name in gate_keys(self.model):
+                self.model.get_parameter(name).requires_grad_(False)
         if isinstance(self.model, AdaViT) and self.model.policy == 'random':
             self.model.reset_random_policy(self.model.random_seed + env.rank)  # ranks draw different decisions
         self.optimizer = torch.optim.AdamW(param_groups(self.model, float(tc['weight_decay']),
