@@ -6,7 +6,7 @@ Stages (each prints a header and shows progress bars):
 1. fine-tune AdaViT from the backbone with the AdaViT config, shortened (``epochs``, ``max_steps``, ``subset``);
 2. evaluate it and the dense backbone on the test set (top-1, mean GMACs under the decisions taken) and time the dense
    twin against the sparse executor at a few batch sizes, on real test images;
-3. the baselines: Random (the backbone under random decisions at the AdaViT's measured keep-rates, no training) and,
+3. the baselines: Random (the backbone under random decisions at the AdaViT's cost, no training) and,
    when its checkpoint exists, Random+ (random decisions during fine-tuning too); the shipped AdaViT when present;
 4. pictures (kept patches, usage, GMACs by class, accuracy vs GMACs from the budget knob), ``report.md`` and
    ``summary.json``.
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
+from .gates.budget import random_patch_keep_for_cost
 from .training.evaluation import gated_keep_rates
 
 DEFAULT_CONFIG = 'configs/fashion_mnist_adavit.yaml'
@@ -266,8 +267,10 @@ class Demo:
         result['throughput'] = self._speed(self.model, 'AdaViT')
         return result
 
-    def random_baseline(self, checkpoint: str, keep: Dict[str, float]) -> Tuple[nn.Module, Dict[str, Any]]:
-        """The backbone under random decisions at ``keep`` (patch, head, block), in the fine-tuned model's shape."""
+    def random_baseline(self, checkpoint: str, keep: Dict[str, float], target_gmacs: float
+                        ) -> Tuple[nn.Module, Dict[str, Any]]:
+        """The backbone under random decisions, in the fine-tuned model's shape: heads and sub-blocks at ``keep``'s
+        rates, patches at the rate that costs ``target_gmacs`` per image (``random_patch_keep_for_cost``)."""
         from .training.builder import build_model, initialize, model_section
         from .training.checkpoint import attach_data_config, read_checkpoint
         config = read_checkpoint(checkpoint)['config']
@@ -276,6 +279,7 @@ class Demo:
         initialize(model, model_cfg, self.s.backbone)  # backbone weights; the unused decision networks stay fresh
         attach_data_config(model, config)
         model.eval()
+        random_patch_keep_for_cost(model, target_gmacs * 1e9)
         t0 = time.perf_counter()
         result = self._evaluate_model(model, 'eval Random')
         self.seconds['evaluate Random'] = time.perf_counter() - t0
@@ -354,8 +358,8 @@ class Demo:
         ada = self.evaluate_adavit(checkpoint)
         ada_keep = gated_keep_rates(ada['keep'], self.model)
 
-        self._stage(3, 'baselines: Random at the measured keep-rates, Random+ and the shipped AdaViT if present')
-        random_model, rnd = self.random_baseline(checkpoint, ada_keep)
+        self._stage(3, 'baselines: Random at the AdaViT\'s cost, Random+ and the shipped AdaViT if present')
+        random_model, rnd = self.random_baseline(checkpoint, ada_keep, ada['gmacs_mean'])
         plus = self.optional_checkpoint(s.random_plus, 'Random+')
         shipped = self.optional_checkpoint(s.shipped, 'shipped AdaViT')
 
@@ -390,7 +394,8 @@ class Demo:
         models['adavit'].update(gated_keep=ada_keep, keep=ada['keep'], gmacs_p50=ada['gmacs_p50'],
                                 gmacs_p95=ada['gmacs_p95'], dense_gmacs=ada['dense_gmacs'],
                                 macs_reduction=ada.get('macs_reduction'))
-        models['random'].update(random_keep=dict(ada_keep), gated_keep=gated_keep_rates(rnd['keep'], random_model))
+        models['random'].update(random_keep=dict(zip(KINDS, random_model.random_keep)),
+                                gated_keep=gated_keep_rates(rnd['keep'], random_model))
         if plus is not None:
             models['random_plus'] = self._row('Random+ (fine-tuned under random decisions)', self.s.random_plus, plus)
         if shipped is not None:
@@ -486,7 +491,8 @@ def report_tables(summary: Mapping[str, Any]) -> Dict[str, Any]:
               'top-1 (%)': round(100 * p['top1'], 2)} for p in summary['budget_curve']]
     return {
         'Results on the Fashion-MNIST test set': results,
-        'Keep-rates where decisions are made (Random draws at the AdaViT\'s)': keep,
+        'Keep-rates where decisions are made (Random draws heads and sub-blocks at the AdaViT\'s rates, patches '
+        'at its cost)': keep,
         f'Budget knob ({summary["settings"]["curve_images"]} test images)': curve,
         'Seconds per stage': summary['seconds'],
     }

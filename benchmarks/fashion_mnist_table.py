@@ -2,8 +2,9 @@
 
     python benchmarks/fashion_mnist_table.py            # the shipped checkpoints, the full test set
 
-Random is the backbone run with random decisions (Bernoulli at AdaViT's measured eval keep-rates, no training);
-Random+ is the backbone fine-tuned under random decisions, evaluated the same way. Prints a markdown table, writes JSON.
+Random is the backbone run with random decisions (no training); Random+ is the backbone fine-tuned under random
+decisions. Both draw heads and sub-blocks at AdaViT's measured eval keep-rates, and patches at the rate that gives
+AdaViT's mean MACs (``random_patch_keep_for_cost``). Prints a markdown table, writes JSON.
 """
 import argparse
 import json
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from adavit.data.datasets import build_datasets
+from adavit.gates.budget import random_patch_keep_for_cost
 from adavit.model.adavit import AdaViT
 from adavit.training.checkpoint import load_model, read_checkpoint
 from adavit.training.distributed import DistEnv
@@ -29,6 +31,8 @@ def main() -> None:
     parser.add_argument('--adavit', default='checkpoints/fashion_mnist_adavit.pt')
     parser.add_argument('--backbone', default='checkpoints/fashion_mnist_backbone.pt')
     parser.add_argument('--random-plus', default='checkpoints/fashion_mnist_random_plus.pt')
+    parser.add_argument('--stage2', default='checkpoints/fashion_mnist_adavit_stage2.pt',
+                        help='AdaViT before the policy-frozen adaptation (a row of its own, if the file exists)')
     parser.add_argument('--val-subset', type=int, default=None, help='evaluate on the first N test images')
     parser.add_argument('--batch-size', type=int, default=500)
     parser.add_argument('--json', default='benchmarks/results/fashion_mnist_table.json')
@@ -42,6 +46,10 @@ def main() -> None:
         {'model': 'dense backbone', 'top1': ada['dense_top1'], 'gmacs_mean': ada['dense_gmacs_mean']},
         {'model': 'AdaViT', 'top1': ada['top1'], 'gmacs_mean': ada['gmacs_mean'], 'keep_mean': ada['keep_mean']},
     ]
+    if args.stage2 and os.path.isfile(args.stage2):
+        stage2 = evaluate_checkpoint(args.stage2, data={'val_subset': args.val_subset}, batch_size=args.batch_size)
+        rows.append({'model': 'AdaViT, stage 2 only', 'top1': stage2['top1'], 'gmacs_mean': stage2['gmacs_mean'],
+                     'keep_mean': stage2['keep_mean']})
     data_cfg = dict(read_checkpoint(args.adavit)['config']['data'])
     if args.val_subset:
         data_cfg['val_subset'] = args.val_subset
@@ -51,11 +59,12 @@ def main() -> None:
         datasets, _ = build_datasets(data_cfg, net, splits=('val',))
         return evaluate(net, eval_loader(datasets['val'], env, args.batch_size), env, with_macs=True)
 
-    # Random: the backbone's weights under random decisions at AdaViT's keep-rates.
+    # Random: the backbone's weights under random decisions at AdaViT's cost.
     random_model = load_model(args.adavit)
     backbone = load_model(args.backbone)
     random_model.load_state_dict({**random_model.state_dict(), **backbone.state_dict()})
     random_model.policy, random_model.random_keep = 'random', (keep['patch'], keep['head'], keep['block'])
+    random_patch_keep_for_cost(random_model, ada['gmacs_mean'] * 1e9)
     rows.append(_row('Random', run(random_model)))
     if os.path.isfile(args.random_plus):
         plus = load_model(args.random_plus)
@@ -63,15 +72,17 @@ def main() -> None:
         rows.append(_row('Random+', run(plus)))
 
     dense_gmacs = rows[0]['gmacs_mean']
-    print(f'Fashion-MNIST test set ({ada["count"]} images); random policies at AdaViT\'s keep-rates '
-          f'patch {keep["patch"]:.3f}, head {keep["head"]:.3f}, block {keep["block"]:.3f}\n')
+    random_keep = dict(zip(('patch', 'head', 'block'), random_model.random_keep))
+    print(f'Fashion-MNIST test set ({ada["count"]} images). AdaViT keeps patch {keep["patch"]:.3f}, head '
+          f'{keep["head"]:.3f}, block {keep["block"]:.3f}; the random policies draw at patch {random_keep["patch"]:.3f} '
+          f'(its cost), head {random_keep["head"]:.3f}, block {random_keep["block"]:.3f}\n')
     print('| model | top-1 (%) | mean GMACs | MACs vs dense |')
     print('|---|---|---|---|')
     for row in rows:
         print(f'| {row["model"]} | {row["top1"]:.2f} | {row["gmacs_mean"]:.5f} | {row["gmacs_mean"] / dense_gmacs:.1%} |')
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, 'w') as f:
-        json.dump({'count': ada['count'], 'random_keep': keep, 'rows': rows}, f, indent=2)
+        json.dump({'count': ada['count'], 'adavit_keep': keep, 'random_keep': random_keep, 'rows': rows}, f, indent=2)
     print(f'\nwrote {args.json}')
 
 

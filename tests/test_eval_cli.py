@@ -87,9 +87,10 @@ def test_eval_dense_checkpoint(tmp_path, fmnist_dir, tiny_backbone):  # noqa: F8
 
 def test_policy_frozen_fine_tuning_trains_only_the_backbone(tmp_path, fmnist_dir, tiny_adavit):  # noqa: F811
     """``model.train_decisions=eval``: training applies the served decisions; the decision networks stay as trained."""
-    config = write_config(str(tmp_path / 'adapt.yaml'), fmnist_dir, init=tiny_adavit, train={'epochs': 1},
-                          model={'train_decisions': 'eval'})
-    result = run_cli(['train', '--config', config, '--output', str(tmp_path / 'run'), '--max-steps', '3'])
+    export = str(tmp_path / 'adapted.pt')
+    config = write_config(str(tmp_path / 'adapt.yaml'), fmnist_dir, init=tiny_adavit, model={'train_decisions': 'eval'},
+                          train={'epochs': 2, 'export': export, 'export_from': 'last'})
+    result = run_cli(['train', '--config', config, '--output', str(tmp_path / 'run')])
     assert result.returncode == 0, result.stderr
     before = read_checkpoint(tiny_adavit)['model']
     after = read_checkpoint(str(tmp_path / 'run' / 'last.pt'))['model']
@@ -99,3 +100,13 @@ def test_policy_frozen_fine_tuning_trains_only_the_backbone(tmp_path, fmnist_dir
         assert torch.equal(before[key], after[key]), key
     assert not torch.equal(before['blocks.0.mlp.fc1.weight'], after['blocks.0.mlp.fc1.weight'])
     assert read_checkpoint(str(tmp_path / 'run' / 'last.pt'))['config']['model']['train_decisions'] == 'eval'
+    # export_from=last: the exported weights are the last epoch's, whichever epoch validated best
+    exported = read_checkpoint(export)['model']
+    assert all(torch.equal(exported[k], after[k]) for k in after)
+
+
+def test_unknown_export_from_fails_before_training(tmp_path, fmnist_dir):  # noqa: F811
+    config = write_config(str(tmp_path / 'c.yaml'), fmnist_dir, train={'export_from': 'final'})
+    result = run_cli(['train', '--config', config, '--output', str(tmp_path / 'run')])
+    assert result.returncode != 0
+    assert "train.export_from must be 'best' or 'last'" in result.stderr and 'Traceback' not in result.stderr

@@ -237,6 +237,22 @@ def test_calibrate_thresholds_hits_target_keep_rates():
         calibrate_thresholds(model, images, patch=1.5)
 
 
+def test_random_patch_keep_for_cost_reaches_the_target_cost():
+    from adavit.cost.macs import decision_macs, dense_macs
+    from adavit.gates.budget import random_patch_keep_for_cost
+    model = AdaViT(**dict(TINY, policy='random', random_keep=(0.5, 0.8, 0.9))).eval()
+    target = 0.45 * dense_macs(model)
+    patch = random_patch_keep_for_cost(model, target, images=500, steps=12)
+    assert model.random_keep == (patch, 0.8, 0.9)  # heads and blocks as set, patches found
+    model.reset_random_policy(123)  # fresh draws, not the ones searched on
+    with torch.no_grad():
+        _, decisions = model(torch.randn(1000, 3, 32, 32), return_decisions=True)
+    assert decision_macs(model, decisions, gates_ran=False).mean().item() == pytest.approx(target, rel=0.02)
+    assert decisions.patch[:, model.patch_gated, 1:].mean().item() == pytest.approx(patch, abs=0.02)
+    with pytest.raises(adavit.ConfigError):
+        random_patch_keep_for_cost(AdaViT(**TINY), target)
+
+
 def test_sparse_under_bf16_autocast_matches_masked():
     model = AdaViT(**TINY).eval()
     decisions = _random_decisions(5, seed=11, edge='mixed')

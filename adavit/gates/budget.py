@@ -2,6 +2,7 @@
 
 ``AdaViT.set_thresholds`` shifts thresholds directly; ``calibrate_thresholds`` finds the thresholds that give target
 keep-rates on sample images, so one trained model traces a whole accuracy-versus-cost curve without retraining.
+``random_patch_keep_for_cost`` does the same for the random policy: the paper's baselines at a given cost.
 """
 from typing import Dict, Optional
 
@@ -76,3 +77,42 @@ def calibrate_thresholds(
     reached = rates()
     reached.update({f'{k}_threshold': getattr(model, f'{k}_threshold') for k in ('patch', 'head', 'block')})
     return reached
+
+
+@torch.no_grad()
+def random_patch_keep_for_cost(model: AdaViT, target_macs: float, images: int = 4000, steps: int = 20) -> float:
+    """Set the random policy's patch keep-rate so that ``model`` costs ``target_macs`` per image on average.
+
+    Random and Random+ are compared at the learned model's cost. Drawing patches at its mean patch keep-rate costs less
+    than it does, because a learned model keeps more patches where heads and sub-blocks also run; so the patch rate
+    is found by bisection, with the head and block rates left as set.
+
+    Args:
+        model: An AdaViT with ``policy="random"``; its ``random_keep`` patch entry is set.
+        target_macs: Mean MACs per image to reach.
+        images: Decisions drawn per step (the draws ignore the images, so blank ones do).
+        steps: Bisection steps.
+
+    Returns:
+        The patch keep-rate.
+    """
+    if model.policy != 'random':
+        raise ConfigError('random_patch_keep_for_cost needs the random policy')
+    from ..cost.macs import decision_macs
+    height, width = model.patch_embed.img_size
+    param = next(model.parameters())
+    blank = torch.zeros(images, model.patch_embed.proj.in_channels, height, width, device=param.device, dtype=param.dtype)
+    model.eval()
+
+    def mean_macs(patch_keep: float) -> float:
+        model.random_keep = (patch_keep, *model.random_keep[1:])
+        model.reset_random_policy(0)
+        _, decisions = model(blank, return_decisions=True)
+        return decision_macs(model, decisions, gates_ran=False).mean().item()
+
+    low, high = 0.0, 1.0  # cost(low) <= target <= cost(high)
+    for _ in range(steps):
+        middle = (low + high) / 2
+        low, high = (middle, high) if mean_macs(middle) < target_macs else (low, middle)
+    model.random_keep = ((low + high) / 2, *model.random_keep[1:])
+    return model.random_keep[0]

@@ -71,6 +71,8 @@ DEFAULTS: Dict[str, Any] = {
         'device': 'auto',  # 'auto', 'cpu', 'cuda'
         'progress': True,  # tqdm bars (rank 0, interactive terminals only)
         'export': None,  # at the end, write the best weights and the model config to this file
+        'export_from': 'best',  # 'best' (by validation top-1) or 'last': where validation is the test set, 'last'
+                                # keeps the test set out of model selection
     },
     'loss': {
         'budgets': [0.5, 0.5, 0.5],  # patch, head, block target keep-rates

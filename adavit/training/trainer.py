@@ -95,6 +95,8 @@ class Trainer:
 
     def _setup(self) -> None:
         tc, env, config = self.tc, self.env, self.config
+        if tc['export_from'] not in ('best', 'last'):  # checked now, not after the run
+            raise ConfigError(f"train.export_from must be 'best' or 'last', got {tc['export_from']!r}")
         if tc['threads']:
             torch.set_num_threads(int(tc['threads']))
         if tc['deterministic']:
@@ -379,9 +381,11 @@ class Trainer:
         return metrics
 
     def _export(self, path: str) -> None:
-        """The best weights (EMA ones if kept) and the config, without optimizer state: the input of the next stage."""
+        """The best (or, by ``train.export_from``, the last) weights, EMA ones if kept, and the config, without optimizer
+        state: the input of the next stage."""
         best = os.path.join(self.output, 'best.pt')
-        checkpoint = read_checkpoint(best if os.path.isfile(best) else os.path.join(self.output, 'last.pt'))
+        use_best = self.tc['export_from'] == 'best' and os.path.isfile(best)
+        checkpoint = read_checkpoint(best if use_best else os.path.join(self.output, 'last.pt'))
         slim = {key: checkpoint.get(key) for key in ('format', 'model', 'model_ema', 'config', 'epoch', 'step',
                                                      'best_top1', 'metrics', 'init', 'backbone')}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
