@@ -235,6 +235,15 @@ def test_calibrate_thresholds_hits_target_keep_rates():
     assert cheaper['patch_threshold'] > reached['patch_threshold']
     with pytest.raises(adavit.ConfigError):
         calibrate_thresholds(model, images, patch=1.5)
+    # A cost target, met by the patch threshold: the mean MACs land just under it.
+    from adavit.cost.macs import dense_macs, macs
+    target = 0.6 * dense_macs(model)
+    at_cost = calibrate_thresholds(model, images, macs=target)
+    with torch.no_grad():
+        assert macs(model, images).mean().item() == pytest.approx(at_cost['macs'])
+    assert 0.95 * target < at_cost['macs'] <= target
+    with pytest.raises(adavit.ConfigError):
+        calibrate_thresholds(model, images, patch=0.5, macs=target)
 
 
 def test_random_patch_keep_for_cost_reaches_the_target_cost():

@@ -8,6 +8,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ..cost.macs import decision_macs
 from ..errors import ConfigError
 from ..model.adavit import AdaViT, Decisions
 
@@ -33,11 +34,13 @@ def calibrate_thresholds(
         block: Optional[float] = None,
         steps: int = 12,
         rounds: int = 2,
+        macs: Optional[float] = None,
 ) -> Dict[str, float]:
     """Set the thresholds so that ``model`` keeps the target fractions of patches, heads and sub-blocks on ``images``.
 
     Each kind is found by bisection on its threshold (the keep-rate falls as the threshold rises); as the kinds
-    influence each other through the features, the search is repeated ``rounds`` times.
+    influence each other through the features, the search is repeated ``rounds`` times. A cost target (``macs``) is
+    then met by the patch threshold alone.
 
     Args:
         model: A trained AdaViT with the learned policy; it is left in eval mode with the new thresholds.
@@ -47,12 +50,15 @@ def calibrate_thresholds(
         block: Target fraction of MSA/FFN sub-blocks run, or None.
         steps: Bisection steps per kind and round.
         rounds: Passes over the kinds.
+        macs: Target mean MACs per image (``patch`` must then be None), or None.
 
     Returns:
-        The keep-rates reached, with the thresholds set (``patch_threshold`` ...).
+        The keep-rates reached, with the thresholds set (``patch_threshold`` ...), and ``macs`` (the mean reached).
     """
     if model.policy != 'learned':
         raise ConfigError('calibrate_thresholds needs the learned policy: the random policy has no thresholds')
+    if macs is not None and patch is not None:
+        raise ConfigError('calibrate_thresholds: give a patch keep-rate or a MAC target, not both')
     targets = {k: v for k, v in (('patch', patch), ('head', head), ('block', block)) if v is not None}
     for kind, target in targets.items():
         if not 0.0 <= target <= 1.0:
@@ -61,7 +67,8 @@ def calibrate_thresholds(
 
     def rates() -> Dict[str, float]:
         _, decisions = model(images, return_decisions=True)
-        return eval_keep_rates(decisions, model.num_prefix_tokens)
+        return dict(eval_keep_rates(decisions, model.num_prefix_tokens),
+                    macs=decision_macs(model, decisions).mean().item())
 
     for _ in range(rounds):
         for kind, target in targets.items():
@@ -74,6 +81,15 @@ def calibrate_thresholds(
                 else:
                     high = middle
             model.set_thresholds(**{kind: (low + high) / 2})
+    if macs is not None:
+        low, high = 0.0, 1.0  # cost(low) >= target >= cost(high)
+        for _ in range(2 * steps):
+            model.set_thresholds(patch=(low + high) / 2)
+            if rates()['macs'] > macs:
+                low = model.patch_threshold
+            else:
+                high = model.patch_threshold
+        model.set_thresholds(patch=high)  # the side that does not exceed the target
     reached = rates()
     reached.update({f'{k}_threshold': getattr(model, f'{k}_threshold') for k in ('patch', 'head', 'block')})
     return reached
@@ -98,7 +114,6 @@ def random_patch_keep_for_cost(model: AdaViT, target_macs: float, images: int = 
     """
     if model.policy != 'random':
         raise ConfigError('random_patch_keep_for_cost needs the random policy')
-    from ..cost.macs import decision_macs
     height, width = model.patch_embed.img_size
     param = next(model.parameters())
     blank = torch.zeros(images, model.patch_embed.proj.in_channels, height, width, device=param.device, dtype=param.dtype)
