@@ -118,13 +118,13 @@ def test_config_overrides_and_model_keys():
 
 
 def test_random_plus_must_not_export_over_the_learned_model(capsys):
-    """The AdaViT config exports checkpoints/fashion_mnist_adavit.pt; Random+ from it must name its own file."""
+    """The AdaViT config exports the stage-2 checkpoint; Random+ from it must name its own file."""
     config = os.path.join(os.path.dirname(__file__), '..', 'configs', 'fashion_mnist_adavit.yaml')
-    shipped = os.path.join(os.path.dirname(__file__), '..', 'checkpoints', 'fashion_mnist_adavit.pt')
+    shipped = os.path.join(os.path.dirname(__file__), '..', 'checkpoints', 'fashion_mnist_adavit_stage2.pt')
     with open(shipped, 'rb') as f:
         before = f.read()
     code, err = _main(capsys, ['train', '--config', config, '--policy', 'random', '--output', 'unused'])
     assert code == 2 and '\n' not in err.strip()
-    assert 'fashion_mnist_adavit.pt' in err and '--set train.export=' in err
+    assert 'fashion_mnist_adavit_stage2.pt' in err and '--set train.export=' in err
     with open(shipped, 'rb') as f:
         assert f.read() == before
