@@ -24,6 +24,9 @@ def test_measure_speed_reports_consistent_ratios():
         assert r.mac_ratio == pytest.approx(r.dense_gmacs / r.adaptive_gmacs)
         assert 1.3 < r.mac_ratio < 6  # about half the patches and heads dropped
         assert r.speedup == pytest.approx(r.dense_ms / r.sparse_ms)
+        # the baseline is timm's faster attention path, and names which one it is
+        assert r.dense_ms == min(r.dense_fused_ms, r.dense_matmul_ms)
+        assert r.dense_ms == {'fused': r.dense_fused_ms, 'matmul': r.dense_matmul_ms}[r.dense_attention]
         assert r.efficiency == pytest.approx(r.speedup / r.mac_ratio)
         assert r.sparse_images_per_s == pytest.approx(1e3 * r.batch_size / r.sparse_ms)
     table = format_rows(rows).splitlines()
