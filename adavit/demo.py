@@ -8,8 +8,8 @@ Stages (each prints a header and shows progress bars):
    twin against the sparse executor at a few batch sizes, on real test images;
 3. the baselines: Random (the backbone under random decisions at the AdaViT's cost, no training) and,
    when its checkpoint exists, Random+ (random decisions during fine-tuning too); the shipped AdaViT when present;
-4. pictures (kept patches, usage, GMACs by class, accuracy vs GMACs from the budget knob), ``report.md`` and
-   ``summary.json``.
+4. pictures (kept patches, also for the shipped AdaViT when present; usage, GMACs by class, accuracy vs GMACs from the
+   budget knob), ``report.md`` and ``summary.json``.
 
 Everything is computed here; ``adavit.visualize.write_report`` only lays it out.
 """
@@ -303,6 +303,18 @@ class Demo:
             result['throughput'] = self._speed(model, name)
         return result
 
+    def _shipped_model(self, images: torch.Tensor) -> Optional[nn.Module]:
+        """The shipped AdaViT, if it exists and takes ``images`` as they are (same size, channels and normalisation)."""
+        from .training.checkpoint import load_model
+        if not self.s.shipped or not os.path.isfile(self.s.shipped):
+            return None
+        model = load_model(self.s.shipped)
+        same_input = (tuple(model.patch_embed.img_size) == tuple(images.shape[-2:])
+                      and model.patch_embed.proj.in_channels == images.shape[1]
+                      and all(tuple(model.pretrained_cfg[k]) == tuple(self.model.pretrained_cfg[k])
+                              for k in ('mean', 'std')))
+        return model if same_input else None
+
     def figures(self, points: Mapping[str, Tuple[float, float]]) -> Tuple[Dict[str, str], Any, List[Any]]:
         from .data.datasets import FASHION_MNIST_CLASSES
         from .visualize import (budget_curve, collect, plot_accuracy_vs_gmacs, plot_gmacs_histogram,
@@ -323,6 +335,12 @@ class Demo:
         titles = [f'{names[int(labels[i])]} -> {names[int(stats.preds[i])]}' for i in picks]
         figures['1. Kept patches per layer (one test image per class; label -> prediction)'] = plot_patch_overlays(
             model, images, os.path.join(out, 'patches.png'), titles=titles, mean=cfg['mean'], std=cfg['std'])
+        shipped = self._shipped_model(images)
+        if shipped is not None:
+            # One epoch of fine-tuning leaves the patch gates half-trained; the full recipe's maps are the ones to read.
+            figures['1b. Kept patches per layer of the shipped AdaViT (the full recipe), same images'] = \
+                plot_patch_overlays(shipped, images, os.path.join(out, 'patches_shipped.png'), class_names=names,
+                                    labels=[int(labels[i]) for i in picks], mean=cfg['mean'], std=cfg['std'])
         figures['2. Head usage and MSA/FFN usage per layer'] = plot_usage(stats, os.path.join(out, 'usage.png'))
         dense_g = dense_macs(model) / 1e9
         figures['3. GMACs per test image, by class'] = plot_gmacs_histogram(

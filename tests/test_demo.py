@@ -147,6 +147,22 @@ def test_rerun_overwrites(tmp_path, fmnist_dir, tiny_backbone):  # noqa: F811
     assert len(summary['notes']) == 2
 
 
+def test_shipped_adavit_gets_its_own_patch_map(tmp_path, fmnist_dir, tiny_backbone, random_plus):  # noqa: F811
+    """With a shipped AdaViT for the same input, the report adds its kept-patch map on the same test images."""
+    out = str(tmp_path / 'demo')
+    args = demo_args(f'{tiny_backbone}/best.pt', out, fmnist_dir, '--random-plus', str(tmp_path / 'none.pt'),
+                     '--shipped', random_plus, '--max-steps', '1')
+    args[args.index('--eval-subset') + 1] = args[args.index('--curve-subset') + 1] = '40'
+    assert main(args) == 0
+    with open(os.path.join(out, 'summary.json')) as f:
+        summary = json.load(f)
+    assert summary['models']['adavit_shipped']['checkpoint'] == random_plus
+    assert summary['figures'][next(c for c in summary['figures'] if 'shipped AdaViT' in c)] == 'patches_shipped.png'
+    with open(os.path.join(out, 'report.md')) as f:
+        assert '](patches_shipped.png)' in f.read()
+    assert os.path.getsize(os.path.join(out, 'patches_shipped.png')) > 5000
+
+
 def test_missing_backbone_is_one_line(tmp_path, capsys):
     out = tmp_path / 'demo'
     code = main(['demo', '--backbone', str(tmp_path / 'missing.pt'), '--output', str(out)])
