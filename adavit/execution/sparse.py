@@ -161,7 +161,9 @@ def _plan_single_image(
 
 def _cached(module: torch.nn.Module, name: str, make: Callable[[], Tuple[torch.Tensor, ...]]) -> Tuple[torch.Tensor, ...]:
     """A re-laid-out copy of ``module``'s weights, remade whenever a weight changes (load_state_dict, training)."""
-    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in module.parameters(recurse=False))
+    # ``_parameters`` directly: ``parameters()`` walks a generator chain that costs more than the key itself, and this
+    # runs several times per block at batch 1.
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in module._parameters.values() if p is not None)
     cache = module.__dict__.get(name)
     if cache is None or cache[0] != key:
         with torch.no_grad():
@@ -197,9 +199,12 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _linear_into(out: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
     """``out = x @ weight_t + bias``, written into ``out`` (a row slice of a larger buffer: no concatenation)."""
-    x, weight_t = x.to(out.dtype), weight_t.to(out.dtype)
-    bias = bias.to(out.dtype) if bias is not None else None
+    dtype = out.dtype
+    # Casts only where needed: even a no-op ``.to`` is a dispatcher round trip, and a batch-1 forward makes hundreds.
+    x = x if x.dtype == dtype else x.to(dtype)
+    weight_t = weight_t if weight_t.dtype == dtype else weight_t.to(dtype)
     if bias is not None:
+        bias = bias if bias.dtype == dtype else bias.to(dtype)
         torch.addmm(bias, x, weight_t, out=out)
     else:
         torch.mm(x, weight_t, out=out)
@@ -348,10 +353,13 @@ def _attention(
     step = max(1, MATH_ATTENTION_CHUNK // (h * L * L))
     for i in range(0, n, step):
         part = slice(i, i + step)
-        scores = torch.matmul(q[part] * scale, k[part].transpose(-1, -2))  # (n_i, h, L, L)
-        if bias is not None:
-            scores += bias[part]
-        torch.matmul(scores.softmax(-1), v[part], out=out[part])
+        q_i, k_i, v_i = (t[part].flatten(0, 1) for t in (q, k, v))  # (n_i * h, L, dh)
+        # One baddbmm scales the scores and adds the padding bias: no scaled copy of q, no separate bias pass.
+        if bias is None:
+            scores = torch.baddbmm(q_i.new_empty(()), q_i, k_i.transpose(1, 2), beta=0, alpha=scale)
+        else:
+            scores = torch.baddbmm(bias[part].flatten(0, 1), q_i, k_i.transpose(1, 2), alpha=scale)  # (n_i*h, L, L)
+        torch.bmm(scores.softmax(-1), v_i, out=out[part].view(-1, L, dh))
     return out
 
 
@@ -460,7 +468,11 @@ def _ffn(block: Block, x_ffn: torch.Tensor, packing: Packing, head_dim: int) -> 
             _linear_into(hidden_g, h_g, fc1_t, mlp.fc1.bias)
         else:
             _kept_heads_matmul_into(hidden_g, h_g, fc1_t, mlp.fc1.bias, g.head_runs, head_dim, x_is_full_width=True)
-    return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(mlp.act(hidden)))))
+    if type(mlp.act) is torch.nn.GELU:  # in place: the hidden buffer is ours, so no second (T, R) buffer is needed
+        hidden = torch.ops.aten.gelu_(hidden, approximate=mlp.act.approximate)
+    else:
+        hidden = mlp.act(hidden)
+    return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(hidden))))
 
 
 def _add_rows(x: torch.Tensor, rows: Optional[torch.Tensor], update: torch.Tensor) -> torch.Tensor:
