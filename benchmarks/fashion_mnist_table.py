@@ -74,12 +74,14 @@ def main() -> None:
     dense_gmacs = rows[0]['gmacs_mean']
     random_keep = dict(zip(('patch', 'head', 'block'), random_model.random_keep))
     print(f'Fashion-MNIST test set ({ada["count"]} images). AdaViT keeps patch {keep["patch"]:.3f}, head '
-          f'{keep["head"]:.3f}, block {keep["block"]:.3f}; the random policies draw at patch {random_keep["patch"]:.3f} '
+          f'{keep["head"]:.3f}, block {keep["block"]:.3f}; the random policies draw at patch '
+          f'{random_keep["patch"]:.3f} '
           f'(its cost), head {random_keep["head"]:.3f}, block {random_keep["block"]:.3f}\n')
     print('| model | top-1 (%) | mean GMACs | MACs vs dense |')
     print('|---|---|---|---|')
     for row in rows:
-        print(f'| {row["model"]} | {row["top1"]:.2f} | {row["gmacs_mean"]:.5f} | {row["gmacs_mean"] / dense_gmacs:.1%} |')
+        share = row['gmacs_mean'] / dense_gmacs
+        print(f'| {row["model"]} | {row["top1"]:.2f} | {row["gmacs_mean"]:.5f} | {share:.1%} |')
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, 'w') as f:
         json.dump({'count': ada['count'], 'adavit_keep': keep, 'random_keep': random_keep, 'rows': rows}, f, indent=2)

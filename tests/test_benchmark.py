@@ -40,10 +40,12 @@ def test_pinned_allocator_reuses_freed_activations_without_page_faults():
     for _ in range(2):  # 20 MB, the size of a batch-256 FFN activation: allocated, touched, freed
         torch.ones(5 << 20)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
+    for _ in range(10):
         torch.ones(5 << 20)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    assert faults < 500  # unpinned, each of the five would fault in its 5,000 pages again
+    # Unpinned, each of the ten faults in its 5,120 pages again (51,200); pinned, at most the heap's first growth
+    # after earlier tests' allocations is left (seen: 0 alone, 5,120 after other tests).
+    assert faults < 2 * 5120 + 500
 
 
 def test_benchmark_cli_keep_all_costs_exactly_the_dense_model(tmp_path, capsys):

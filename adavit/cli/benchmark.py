@@ -59,7 +59,8 @@ def build_model(args: argparse.Namespace) -> AdaViT:
 
 
 def validation_images(model: AdaViT, args: argparse.Namespace, count: int) -> Optional[torch.Tensor]:
-    """The first ``count`` validation images of ``--data`` (or of the checkpoint's dataset), preprocessed for ``model``."""
+    """The first ``count`` validation images of ``--data`` (or of the checkpoint's dataset), preprocessed for
+    ``model``."""
     data = {'name': args.data} if args.data else None
     if data is None and args.checkpoint:
         from ..training.checkpoint import read_checkpoint

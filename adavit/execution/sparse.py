@@ -159,7 +159,11 @@ def _plan_single_image(
     return msa, Packing(rows, [HeadGroup(0, count, [count], ffn_runs)])
 
 
-def _cached(module: torch.nn.Module, name: str, make: Callable[[], Tuple[torch.Tensor, ...]]) -> Tuple[torch.Tensor, ...]:
+def _cached(
+        module: torch.nn.Module,
+        name: str,
+        make: Callable[[], Tuple[torch.Tensor, ...]],
+) -> Tuple[torch.Tensor, ...]:
     """A re-laid-out copy of ``module``'s weights, remade whenever a weight changes (load_state_dict, training)."""
     # ``_parameters`` directly: ``parameters()`` walks a generator chain that costs more than the key itself, and this
     # runs several times per block at batch 1.

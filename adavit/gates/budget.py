@@ -116,7 +116,8 @@ def random_patch_keep_for_cost(model: AdaViT, target_macs: float, images: int = 
         raise ConfigError('random_patch_keep_for_cost needs the random policy')
     height, width = model.patch_embed.img_size
     param = next(model.parameters())
-    blank = torch.zeros(images, model.patch_embed.proj.in_channels, height, width, device=param.device, dtype=param.dtype)
+    blank = torch.zeros(images, model.patch_embed.proj.in_channels, height, width,
+                        device=param.device, dtype=param.dtype)
     model.eval()
 
     def mean_macs(patch_keep: float) -> float:

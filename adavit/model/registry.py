@@ -28,7 +28,8 @@ def _cfg(size: str) -> Dict[str, Any]:
     return {
         'url': _DEIT_URLS[size], 'hf_hub_id': f'timm/deit_{size}_patch16_224.fb_in1k',
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None, 'crop_pct': .9,
-        'interpolation': 'bicubic', 'fixed_input_size': True, 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'interpolation': 'bicubic', 'fixed_input_size': True,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'patch_embed.proj', 'classifier': 'head', 'license': 'apache-2.0',
     }
 

@@ -381,8 +381,8 @@ class Trainer:
         return metrics
 
     def _export(self, path: str) -> None:
-        """The best (or, by ``train.export_from``, the last) weights, EMA ones if kept, and the config, without optimizer
-        state: the input of the next stage."""
+        """The best (or, by ``train.export_from``, the last) weights, EMA ones if kept, and the config, without
+        optimizer state: the input of the next stage."""
         best = os.path.join(self.output, 'best.pt')
         use_best = self.tc['export_from'] == 'best' and os.path.isfile(best)
         checkpoint = read_checkpoint(best if use_best else os.path.join(self.output, 'last.pt'))
