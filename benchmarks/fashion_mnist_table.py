@@ -75,8 +75,7 @@ def main() -> None:
     random_keep = dict(zip(('patch', 'head', 'block'), random_model.random_keep))
     print(f'Fashion-MNIST test set ({ada["count"]} images). AdaViT keeps patch {keep["patch"]:.3f}, head '
           f'{keep["head"]:.3f}, block {keep["block"]:.3f}; the random policies draw at patch '
-          f'{random_keep["patch"]:.3f} '
-          f'(its cost), head {random_keep["head"]:.3f}, block {random_keep["block"]:.3f}\n')
+          f'{random_keep["patch"]:.3f} (its cost), head {random_keep["head"]:.3f}, block {random_keep["block"]:.3f}\n')
     print('| model | top-1 (%) | mean GMACs | MACs vs dense |')
     print('|---|---|---|---|')
     for row in rows:
