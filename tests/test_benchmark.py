@@ -9,7 +9,7 @@ import torch
 from adavit import AdaViT
 from adavit.cli.benchmark import validation_images
 from adavit.cli.main import main
-from adavit.cost.benchmark import format_rows, measure_speed, pin_allocator
+from adavit.cost.benchmark import format_rows, interleaved_medians, measure_speed, pin_allocator
 from adavit.cost.macs import decision_macs, dense_macs
 from adavit.training.checkpoint import load_model
 
@@ -32,6 +32,25 @@ def test_measure_speed_reports_consistent_ratios():
         assert r.allocator == 'glibc pinned'  # this machine's C library is glibc
     table = format_rows(rows).splitlines()
     assert len(table) == 3 and 'efficiency' in table[0]
+
+
+def test_interleaved_medians_take_turns_on_every_input_and_rotate_who_goes_first():
+    calls = []
+    durations = {'a': [1.0, 9.0, 2.0, 2.0, 3.0, 3.0], 'b': [4.0] * 6}  # seconds per call, in call order
+
+    def run(name):
+        def call(i):
+            calls.append((name, i))
+            return durations[name][sum(1 for n, _ in calls if n == name) - 1]
+        return call
+
+    med = interleaved_medians({'a': run('a'), 'b': run('b')}, count=2, warmup=1, repeats=2)
+    # round 0 (warm-up): input 0 a then b, input 1 b then a; round 1 starts with b; round 2 with a again
+    assert calls == [('a', 0), ('b', 0), ('b', 1), ('a', 1),
+                     ('b', 0), ('a', 0), ('a', 1), ('b', 1),
+                     ('a', 0), ('b', 0), ('b', 1), ('a', 1)]
+    # per-input means of the timed rounds: a (2+2)/2 and (3+3)/2, median 2.5; b always 4
+    assert med == {'a': pytest.approx(2.5), 'b': pytest.approx(4.0)}
 
 
 def test_pinned_allocator_reuses_freed_activations_without_page_faults():

@@ -61,6 +61,19 @@ def test_sparse_matches_masked_on_random_decisions(head_mode, patch_policy, batc
         assert torch.allclose(masked, sparse, atol=1e-4, rtol=0), (edge, (masked - sparse).abs().max())
 
 
+@pytest.mark.parametrize('act_layer', [torch.nn.SiLU, torch.nn.GELU, lambda: torch.nn.GELU(approximate='tanh')])
+def test_sparse_matches_masked_for_any_mlp_activation(act_layer):
+    """The FFN's GELU runs in place on the executor's own buffer (tanh form too); other activations run as given."""
+    model = AdaViT(act_layer=act_layer, **TINY).eval()
+    for batch, edge in ((1, ''), (7, 'mixed'), (5, None)):  # None: keep everything, the one-group path
+        x = torch.randn(batch, 3, 32, 32)
+        decisions = None if edge is None else _random_decisions(batch, edge=edge)
+        if decisions is None:
+            model.set_thresholds(patch=0.0, head=0.0, block=0.0)
+        (masked, _), (sparse, _) = _both(model, x, decisions)
+        assert torch.allclose(masked, sparse, atol=1e-4, rtol=0), (batch, (masked - sparse).abs().max())
+
+
 @pytest.mark.parametrize('head_mode,patch_policy', list(itertools.product(['full', 'partial'], ['token', 'cls'])))
 def test_sparse_matches_masked_with_learned_gates(head_mode, patch_policy):
     """The model's own decisions: identical in both executors, and varied across the batch."""

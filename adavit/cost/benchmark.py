@@ -1,7 +1,7 @@
 """Paired speed benchmark: dense timm vs AdaViT sparse vs AdaViT masked, same weights, same inputs, one process.
 
-Timings are interleaved (the models take turns, in rotating order, round after round) after a warm-up, and reported
-as medians, because a shared machine is noisy. The dense baseline is timm's model at its faster attention path: timm
+Timings are interleaved (the models take turns on every input batch, in rotating order) after a warm-up, and reported
+as medians of rounds, because a shared machine is noisy. The dense baseline is timm's model at its faster attention path: timm
 calls ``scaled_dot_product_attention`` by default, whose CPU kernel can lose to plain matmuls at short sequences, so
 both paths are timed and the faster one is the baseline (a deployer would pick it too). Decisions are frozen per input
 (the random policy is reseeded before each call), so the MACs quoted are exactly those of the timed runs.
@@ -80,18 +80,49 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timer(model: nn.Module, inputs: List[torch.Tensor], reseed: bool, device: torch.device) -> Callable[[], float]:
-    """A closure that runs ``model`` over every input once and returns the seconds it took."""
-    def run() -> float:
+def _timer(model: nn.Module, inputs: List[torch.Tensor], reseed: bool, device: torch.device) -> Callable[[int], float]:
+    """A closure that runs ``model`` on input ``i`` and returns the seconds it took."""
+    def run(i: int) -> float:
+        if reseed:
+            model.reset_random_policy(i)
         _sync(device)
         start = time.perf_counter()
-        for i, x in enumerate(inputs):
-            if reseed:
-                model.reset_random_policy(i)
-            model(x)
+        model(inputs[i])
         _sync(device)
         return time.perf_counter() - start
     return run
+
+
+def interleaved_medians(
+        runs: Dict[str, Callable[[int], float]],
+        count: int,
+        warmup: int,
+        repeats: int,
+) -> Dict[str, float]:
+    """Median seconds per input of each run, over ``repeats`` rounds after ``warmup`` untimed ones.
+
+    A round covers inputs ``0 .. count - 1``, and the runs take turns on every input, not every round: a slow spell of
+    a shared machine then slows all of them alike, and their ratios stay put. Who goes first rotates from input to
+    input and from round to round, so no run always finds the caches warm.
+
+    Args:
+        runs: Name -> a closure that runs on input ``i`` and returns the seconds it took.
+        count: Inputs per round.
+        warmup: Untimed rounds.
+        repeats: Timed rounds.
+    """
+    names = list(runs)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for round_index in range(warmup + repeats):
+        seconds = dict.fromkeys(names, 0.0)
+        for i in range(count):
+            shift = (round_index + i) % len(names)
+            for name in names[shift:] + names[:shift]:
+                seconds[name] += runs[name](i)
+        if round_index >= warmup:
+            for name in names:
+                times[name].append(seconds[name] / count)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def batches_per_round(batch_size: int, images_per_round: int, max_inputs: int = 32) -> int:
@@ -162,21 +193,13 @@ def measure_speed(
             _, decisions = model(x, return_decisions=True)
             adaptive.append(decision_macs(model, decisions))
         adaptive_macs = torch.cat(adaptive).mean().item()
-        runs: Dict[str, Callable[[], float]] = {
+        runs: Dict[str, Callable[[int], float]] = {
             path: _timer(_AttentionPathView(dense, fused), inputs, False, dev)
             for path, fused in (('fused', True), ('matmul', False))}
         for executor in ('sparse', 'masked'):
             twin = _ExecutorView(model, executor)
             runs[executor] = _timer(twin, inputs, reseed, dev)
-        times: Dict[str, List[float]] = {name: [] for name in runs}
-        names = list(runs)
-        for round_index in range(warmup + repeats):
-            shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:  # rotate who goes first: no model always runs warm
-                seconds = runs[name]()
-                if round_index >= warmup:
-                    times[name].append(seconds / count)
-        med = {name: statistics.median(values) for name, values in times.items()}
+        med = interleaved_medians(runs, count, warmup, repeats)
         dense_attention = min(('fused', 'matmul'), key=med.__getitem__)
         med['dense'] = med[dense_attention]
         dense_g = dense_macs(dense) / 1e9
