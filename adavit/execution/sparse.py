@@ -127,7 +127,7 @@ def _plan_single_image(
         num_tokens: int,
         head_mode: str,
 ) -> Tuple[Optional[Packing], Optional[Packing]]:
-    """The MSA and FFN packings of a batch of one image: the latency path, planned from two host syncs.
+    """The MSA and FFN packings of a batch of one image: the latency path, planned from one host sync.
 
     Args:
         patch_keep: (1, N) token decisions, or None.
@@ -139,17 +139,21 @@ def _plan_single_image(
     Returns:
         (MSA packing, FFN packing), each None when the sub-block is skipped.
     """
-    flags = [t[0] for t in (block_keep, head_keep) if t is not None]
-    flags = [v > 0.5 for v in torch.cat(flags).tolist()] if flags else []  # one sync for blocks and heads
+    # One host sync for every decision of the block (on a GPU, nonzero() would be a second), then plain Python lists.
+    parts = [t[0] for t in (block_keep, head_keep, patch_keep) if t is not None]
+    flags = [v > 0.5 for v in (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()] if parts else []
     run_msa, run_ffn = flags[:2] if block_keep is not None else (True, True)
     runs = None
     if head_keep is not None:
-        kept = flags[-head_keep.shape[1]:]
+        start = 2 if block_keep is not None else 0
+        kept = flags[start:start + head_keep.shape[1]]
         runs = None if all(kept) else head_runs(sum(1 << h for h, k in enumerate(kept) if k), len(kept))
-    rows = None if patch_keep is None else (patch_keep[0] > 0.5).nonzero().squeeze(1)  # (T,)
-    if rows is not None and rows.numel() == num_tokens:
-        rows = None
-    count = num_tokens if rows is None else rows.numel()
+    rows = None
+    if patch_keep is not None:
+        kept_tokens = [i for i, k in enumerate(flags[-num_tokens:]) if k]
+        if len(kept_tokens) < num_tokens:
+            rows = torch.tensor(kept_tokens, dtype=torch.long, device=patch_keep.device)  # (T,)
+    count = num_tokens if rows is None else len(kept_tokens)
     msa = Packing(rows, [HeadGroup(0, count, [count], runs)]) if run_msa else None
     ffn_runs = runs if head_mode == 'full' else None
     if not run_ffn:
