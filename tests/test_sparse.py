@@ -119,12 +119,22 @@ def test_sparse_matches_masked_for_any_attention_bucketing(monkeypatch, split_ma
 
 
 def test_attention_buckets_pad_only_where_one_more_call_costs_more():
+    ones = [1] * 5
     # merging 10 -> 11 pads 2 images by 21 pairs (42 MACs at 1 MAC per pair): under a 50-MAC call, merged;
     # merging 11 -> 20 would pad 3 images by 279 pairs: a new bucket.
-    assert attention_buckets([10, 10, 11, 20, 20], 1, 50) == [(0, 3, 11), (3, 5, 20)]
-    assert attention_buckets([10, 10, 11, 20, 20], 1, 0) == [(0, 2, 10), (2, 3, 11), (3, 5, 20)]
-    assert attention_buckets([10, 10, 11, 20, 20], 1, float('inf')) == [(0, 5, 20)]
-    assert attention_buckets([7], 1, 0) == [(0, 1, 7)]
+    assert attention_buckets([10, 10, 11, 20, 20], ones, 1, 50) == [(0, 3, 11), (3, 5, 20)]
+    assert attention_buckets([10, 10, 11, 20, 20], ones, 1, 0) == [(0, 2, 10), (2, 3, 11), (3, 5, 20)]
+    assert attention_buckets([10, 10, 11, 20, 20], ones, 1, float('inf')) == [(0, 5, 20)]
+    assert attention_buckets([7], [1], 1, 0) == [(0, 1, 7)]
+
+
+def test_attention_buckets_bound_the_whole_padding_of_a_bucket():
+    # Counts one apart: each step alone pads little (10 -> 11: 21 pairs, 11 -> 12: 2 x 23), but padding 10 and 11 up to
+    # 12 is 44 + 23 = 67 pairs, over the 50 of a call: the bucket closes.
+    assert attention_buckets([10, 11, 12, 13, 14], [1] * 5, 1, 50) == [(0, 2, 11), (2, 4, 13), (4, 5, 14)]
+    # Each head of an image is a problem of its own: padding 3 heads of 10 tokens to 11 is 63 pairs.
+    assert attention_buckets([10, 11], [1, 3], 1, 50) == [(0, 2, 11)]
+    assert attention_buckets([10, 11], [3, 1], 1, 50) == [(0, 1, 10), (1, 2, 11)]
 
 
 def test_pack_tokens_orders_images_by_token_count_within_a_head_pattern():

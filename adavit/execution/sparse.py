@@ -7,9 +7,9 @@ Per block, for each sub-block (MSA, FFN):
 * images are grouped by their head pattern; a group's q, k, v, proj and (full deactivation) fc1 use only its kept
   heads' weights, so a dropped head costs nothing. Each contiguous range of kept heads is a slice of the (re-laid-out,
   cached) weights with a matmul of its own; only many ranges are gathered into one matrix (``GATHER_FROM_RUNS``);
-* attention runs per image over its kept tokens only: images of a group with equal token counts form a batch; others,
-  sorted by token count, run in buckets padded to the bucket's longest image and masked (``attention_buckets``: the
-  only wasted work, and only in the small T x T products).
+* attention runs per image and kept head over the image's kept tokens only, for all head groups in one pass: the
+  (image, head) problems, sorted by token count, run in buckets padded to the bucket's longest image and masked
+  (``attention_buckets``: the only wasted work, and only in the small T x T products).
 
 The output equals the masked reference (``masked.py``) up to float rounding: a dropped token's MSA and FFN outputs are
 multiplied by 0 there, so it passes through unchanged, and a kept query only ever sees kept keys.
@@ -17,6 +17,7 @@ multiplied by 0 there, so it passes through unchanged, and a kept query only eve
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
@@ -280,68 +281,76 @@ MATH_ATTENTION_UP_TO = 64
 MATH_ATTENTION_CHUNK = 1 << 24
 
 
-def attention_buckets(counts: List[int], macs_per_pair: int, split_macs: float) -> List[Tuple[int, int, int]]:
+def attention_buckets(
+        counts: List[int],
+        heads: List[int],
+        macs_per_pair: int,
+        split_macs: float,
+) -> List[Tuple[int, int, int]]:
     """Split images of ascending token counts into consecutive buckets, each padded to its longest image.
 
-    An image joins the open bucket unless padding the bucket's images to its length costs more than one more call.
+    A bucket closes before the image whose count would make padding all of the bucket's images up to it cost more
+    than one more call (the whole bucket's padding, not just the step: a long run of counts one apart would otherwise
+    grow a bucket with unbounded padding).
 
     Args:
         counts: Tokens per image, ascending.
-        macs_per_pair: Multiply-adds per (query, key) pair, 2 * heads * head_dim.
+        heads: Attention heads per image (each is one (query, key) problem per pair of its tokens).
+        macs_per_pair: Multiply-adds per (query, key) pair and head, 2 * head_dim.
         split_macs: What one more attention call costs, in multiply-adds.
 
     Returns:
         [(first image, end image, padded length)].
     """
-    buckets, first, length = [], 0, counts[0]
-    for i, count in enumerate(counts):
+    budget = split_macs / macs_per_pair  # in padded (query, key, head) triples
+    buckets, first, length, problems, pairs = [], 0, counts[0], 0, 0
+    for i, (count, num_heads) in enumerate(zip(counts, heads)):
         if count != length:
-            if (i - first) * (count * count - length * length) * macs_per_pair > split_macs:
+            if problems * count * count - pairs > budget:
                 buckets.append((first, i, length))
-                first = i
+                first, problems, pairs = i, 0, 0
             length = count
+        problems += num_heads
+        pairs += num_heads * count * count
     buckets.append((first, len(counts), length))
     return buckets
 
 
-def _qkv_buffer(
+def _qkv_into(
+        out: torch.Tensor,
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: Optional[torch.Tensor],
         runs: List[Tuple[int, int]],
         head_dim: int,
 ) -> torch.Tensor:
-    """q, k, v of the kept heads for the rows ``x`` (T, D), as (T + 1, h, 3, dh).
+    """q, k, v of the kept heads for the rows ``x`` (T, D), written into ``out`` (T * h * 3, dh) as (T, h, 3, dh).
 
     ``weight`` is the head-major qkv weight (rows [q_0; k_0; v_0; q_1; ...], ``_head_major_qkv``): each run of kept
-    heads is a row slice of it, whose matmul writes straight into its columns of the buffer (no weight copy), unless
-    there are ``GATHER_FROM_RUNS`` runs or more. The extra last row is zeros: padded attention slots read it
-    (``_attend``), so no padded buffer is ever zero-filled.
+    heads is a row slice of it, whose matmul writes straight into its columns of ``out`` (no weight copy), unless there
+    are ``GATHER_FROM_RUNS`` runs or more.
     """
     T, per_head = x.shape[0], 3 * head_dim
     kept = sum(b - a for a, b in runs)
-    buffer = x.new_empty(T + 1, kept * per_head, dtype=_compute_dtype(x))
+    rows = out.view(T, kept * per_head)  # (T, h * 3 * dh)
     if len(runs) >= GATHER_FROM_RUNS:
-        rows = _run_channels(runs, per_head, x.device)
-        _linear_into(buffer[:T], x, weight.index_select(0, rows).t(),
-                     bias.index_select(0, rows) if bias is not None else None)
+        channels = _run_channels(runs, per_head, x.device)
+        _linear_into(rows, x, weight.index_select(0, channels).t(),
+                     bias.index_select(0, channels) if bias is not None else None)
     else:
         offset = 0
         for a, b in runs:
             lo, hi = a * per_head, b * per_head
-            _linear_into(buffer[:T, offset:offset + hi - lo], x, weight[lo:hi].t(),
-                         bias[lo:hi] if bias is not None else None)
+            _linear_into(rows[:, offset:offset + hi - lo], x, weight[lo:hi].t(), bias[lo:hi] if bias is not None else None)
             offset += hi - lo
-    buffer[T].zero_()
-    return buffer.view(T + 1, kept, 3, head_dim)
+    return out.view(T, kept, 3, head_dim)
 
 
-def _normalize_qk(attn: torch.nn.Module, qkv: torch.Tensor) -> torch.Tensor:
-    """timm's optional q/k norms (``qk_norm=True``), in place on the real rows of a ``_qkv_buffer``."""
+def _normalize_qk(attn: torch.nn.Module, qkv: torch.Tensor) -> None:
+    """timm's optional q/k norms (``qk_norm=True``), in place on a (T, h, 3, dh) block of q, k, v."""
     for part, norm in enumerate((attn.q_norm, attn.k_norm)):
         if not isinstance(norm, torch.nn.Identity):
-            qkv[:-1, :, part] = norm(qkv[:-1, :, part])
-    return qkv
+            qkv[:, :, part] = norm(qkv[:, :, part])
 
 
 def _attention(
@@ -352,74 +361,101 @@ def _attention(
         scale: float,
         out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``softmax(scale * q @ k^T + bias) @ v`` for (n, h, L, dh) inputs, bias (n, h, 1, L) or None; into ``out``."""
-    n, h, L, dh = q.shape
+    """``softmax(scale * q @ k^T + bias) @ v`` for (..., L, dh) inputs, bias (b, 1, L) or None; into ``out``.
+
+    Inputs with more than one leading dimension (``bias`` None) give the matmul path's output as (b, L, dh).
+    """
+    L, dh = q.shape[-2:]
     if q.device.type != 'cpu' or L > MATH_ATTENTION_UP_TO:
         result = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
         return result if out is None else out.copy_(result)
+    q, k, v = (t.reshape(-1, L, dh) for t in (q, k, v))  # (b, L, dh); a copy where the leading dims are not one
+    b = q.shape[0]
     out = q.new_empty(q.shape) if out is None else out
-    step = max(1, MATH_ATTENTION_CHUNK // (h * L * L))
-    for i in range(0, n, step):
-        part = slice(i, i + step)
-        q_i, k_i, v_i = (t[part].flatten(0, 1) for t in (q, k, v))  # (n_i * h, L, dh)
+    step = max(1, MATH_ATTENTION_CHUNK // (L * L))
+    for i in range(0, b, step):
+        q_i, k_i, v_i, out_i = (t[i:i + step] for t in (q, k, v, out)) if step < b else (q, k, v, out)
         # One baddbmm scales the scores and adds the padding bias: no scaled copy of q, no separate bias pass.
         if bias is None:
             scores = torch.baddbmm(q_i.new_empty(()), q_i, k_i.transpose(1, 2), beta=0, alpha=scale)
         else:
-            scores = torch.baddbmm(bias[part].flatten(0, 1), q_i, k_i.transpose(1, 2), alpha=scale)  # (n_i*h, L, L)
-        torch.bmm(scores.softmax(-1), v_i, out=out[part].view(-1, L, dh))
+            scores = torch.baddbmm(bias[i:i + step] if step < b else bias, q_i, k_i.transpose(1, 2), alpha=scale)
+        torch.bmm(scores.softmax(-1), v_i, out=out_i)  # scores: (b_i, L, L)
     return out
 
 
-def _attend(qkv: torch.Tensor, counts: List[int]) -> torch.Tensor:
-    """Attention of each image over its own tokens.
+def _attend(qkv: torch.Tensor, groups: List[Tuple[int, int, List[int]]]) -> torch.Tensor:
+    """Attention of each image over its own tokens, head by head, for every head group of a sub-block in one pass.
 
     Args:
-        qkv: (T + 1, h, 3, dh) from ``_qkv_buffer``: packed rows of the images, ``counts[i]`` rows each (ascending
-            when they differ), then a row of zeros.
-        counts: Tokens per image.
+        qkv: (R + 3, dh) rows: head group g's q, k, v as (T_g, h_g, 3, dh) from row ``start_g``, then three rows of
+            zeros that padded attention slots read.
+        groups: (start_g, h_g, counts_g) per head group; ``counts_g`` are the tokens of its images, in packed order.
 
     Returns:
-        (T, h * dh) attention outputs, packed like the inputs.
+        (R / 3, dh) attention outputs: group g's as (T_g, h_g, dh) from row ``start_g / 3``.
     """
-    T, h, dh = qkv.shape[0] - 1, qkv.shape[1], qkv.shape[3]
-    n, longest = len(counts), max(counts)
+    dh = qkv.shape[1]
     scale = dh ** -0.5
-    if longest * n == T:  # equal counts: a plain batch
-        q, k, v = (t.view(n, longest, h, dh).transpose(1, 2) for t in qkv[:T].unbind(2))  # (n, h, L, dh)
-        return _attention(q, k, v, None, scale).transpose(1, 2).reshape(T, h * dh)
-    buckets = attention_buckets(counts, 2 * h * dh, SPLIT_COST_MACS.get(qkv.device.type, float('inf')))
+    start, h, counts = groups[0]
+    n, length = len(counts), counts[0]
+    if len(groups) == 1 and counts.count(length) == n:  # equal counts: a plain batch of views, no index arithmetic
+        T = n * length
+        q, k, v = (t.transpose(1, 2) for t in qkv[start:start + T * h * 3].view(n, length, h, 3, dh).unbind(3))
+        return _attention(q, k, v, None, scale).view(n, h, length, dh).transpose(1, 2).reshape(T * h, dh)
 
-    # Padded layout: bucket b holds (n_b, h, L_b, dh), each image padded to the bucket's length L_b, so that a bucket is
-    # one contiguous batch of n_b * h attention problems. ``slots`` places each real (token, head) in it.
-    lengths = [length for first, end, length in buckets for _ in range(end - first)]  # per image
+    # Every image of every group, by token count (stable: packed order within a count), with its heads and first row.
+    group_counts = [np.array(counts) for _, _, counts in groups]
+    counts = np.concatenate(group_counts)
+    heads = np.concatenate([np.full(len(c), h) for (_, h, _), c in zip(groups, group_counts)])
+    first_rows = np.concatenate([start + 3 * h * (np.cumsum(c) - c) for (start, h, _), c in zip(groups, group_counts)])
+    order = np.argsort(counts, kind='stable')
+    counts, heads, first_rows = counts[order], heads[order], first_rows[order]
+    buckets = attention_buckets(counts.tolist(), heads.tolist(), 2 * dh,
+                                SPLIT_COST_MACS.get(qkv.device.type, float('inf')))
+
+    # Padded layout: each (image, head) is one attention problem of its bucket's length L, and a bucket is one
+    # contiguous batch of problems. A (token, head) is one row of q, k, v together, (3 * dh,): each padded slot reads
+    # one, or the zero row where it is padding, and its key gets a bias of -inf there. Per problem: its first row, the
+    # stride between its tokens' rows (its image's heads), its token count; per bucket, a (problems, L) matrix of rows.
+    # NumPy: a few hundred problems, and a handful of vector operations per bucket.
+    image = np.repeat(np.arange(len(counts)), heads)  # (p,) problems, image by image
+    head = np.arange(len(image)) - np.repeat(np.cumsum(heads) - heads, heads)
+    first_row, stride, count = first_rows[image] // 3 + head, heads[image], counts[image]
+    zero_row = qkv.shape[0] // 3 - 1
+    problem_bounds = np.concatenate([[0], np.cumsum(heads)])[[first for first, _, _ in buckets] + [len(counts)]]
+    sizes = [(problem_bounds[i + 1] - problem_bounds[i]) * length for i, (_, _, length) in enumerate(buckets)]
+    rows = np.empty(sum(sizes), dtype=np.int64)  # (P,) padded slots
+    bias = np.zeros(sum(sizes), dtype=np.float32)
+    positions = np.arange(max(length for _, _, length in buckets))
+    plan, slot = [], 0
+    for i, (first, _, length) in enumerate(buckets):
+        a, b = problem_bounds[i], problem_bounds[i + 1]
+        rows_b = rows[slot:slot + sizes[i]].reshape(b - a, length)
+        np.add(first_row[a:b, None], positions[:length] * stride[a:b, None], out=rows_b)  # (problems, L)
+        has_padding = counts[first] < length  # ascending counts: the bucket's first image is its shortest
+        if has_padding:
+            padding = positions[:length] >= count[a:b, None]
+            rows_b[padding] = zero_row
+            bias[slot:slot + sizes[i]].reshape(b - a, length)[padding] = -np.inf
+        plan.append((slot, b - a, length, has_padding))
+        slot += sizes[i]
+    # Where each output row comes from: the slot that read its row (padded slots all name the zero row, a spare).
+    slot_of_row = np.empty(zero_row + 1, dtype=np.int64)
+    slot_of_row[rows] = np.arange(len(rows))
     dev = qkv.device
-    lengths_t, counts_t = torch.tensor([lengths, counts], device=dev).unbind(0)  # (n,) each
-    image_base = torch.cumsum(lengths_t * h, 0) - lengths_t * h  # (n,) first padded row of each image
-    starts = torch.cumsum(counts_t, 0) - counts_t  # (n,) first packed row of each image
-    image = torch.repeat_interleave(torch.arange(n, device=dev), counts_t, output_size=T)  # (T,)
-    position = torch.arange(T, device=dev) - starts[image]  # (T,) token index within its image
-    slots = ((image_base[image] + position)[:, None] + torch.arange(h, device=dev) * lengths_t[image][:, None])
-    slots = slots.flatten()  # (T * h,) in (token, head) order
-    # Each padded slot reads its q, k, v rows from the buffer, or the zero row for padding: one gather, no fill.
-    zero_row = T * h * 3
-    source = torch.full((sum(lengths) * h,), zero_row, dtype=torch.long, device=dev)
-    source[slots] = torch.arange(0, zero_row, 3, device=dev)
-    padded = qkv.view(-1, dh).index_select(0, (source + torch.arange(3, device=dev)[:, None]).flatten())
-    padded = padded.view(3, -1, dh)  # (3, P, dh)
-    bias = torch.zeros(source.shape, dtype=qkv.dtype, device=dev).masked_fill_(source == zero_row, float('-inf'))
-    out = torch.empty_like(padded[0])  # (P, dh)
-    row = 0
-    for first, end, length in buckets:
-        size = (end - first) * h * length
-        if size == 0:  # images without tokens: nothing to attend
-            continue
-        shape = (end - first, h, length, dh)
-        q, k, v = (padded[i, row:row + size].view(shape) for i in range(3))
-        bias_b = bias[row:row + size].view(end - first, h, 1, length)  # -inf at padded keys
-        _attention(q, k, v, bias_b, scale, out[row:row + size].view(shape))
-        row += size
-    return out.index_select(0, slots).view(T, h * dh)
+    rows_t, slot_of_row_t = (torch.from_numpy(a).to(dev) for a in (rows, slot_of_row[:-1]))
+    bias_t = torch.from_numpy(bias).to(dev, qkv.dtype)
+    padded_qkv = qkv.view(-1, 3 * dh).index_select(0, rows_t)  # (P, 3 * dh)
+    out = qkv.new_empty(len(rows), dh)  # (P, dh)
+    for slot, num, length, has_padding in plan:
+        size = num * length
+        if size:  # images without tokens have nothing to attend
+            # (problems, L, dh) each, rows 3 * dh apart: strided views, no copy
+            q, k, v = padded_qkv[slot:slot + size].view(num, length, 3, dh).unbind(2)
+            _attention(q, k, v, bias_t[slot:slot + size].view(num, 1, length) if has_padding else None, scale,
+                       out[slot:slot + size].view(num, length, dh))
+    return out.index_select(0, slot_of_row_t)
 
 
 def _msa(block: Block, x_normed: torch.Tensor, packing: Packing, head_mode: str) -> torch.Tensor:
@@ -434,31 +470,45 @@ def _msa(block: Block, x_normed: torch.Tensor, packing: Packing, head_mode: str)
     if len(packing.groups) == 1 and first.head_runs is None and max(first.counts) * len(first.counts) == len(tokens):
         # every head, images of equal token counts: timm's own attention module, on (n, L, D)
         return attn(tokens.view(len(first.counts), -1, D)).view(-1, D)
-    out = tokens.new_empty(packing.num_rows, attn.proj.out_features, dtype=_compute_dtype(tokens))
+    dtype = _compute_dtype(tokens)
+    out = tokens.new_empty(packing.num_rows, attn.proj.out_features, dtype=dtype)
     proj_t = _transposed(attn.proj)  # (H*dh, D)
-    for g in packing.groups:
-        x_g, out_g = (tokens, out) if len(packing.groups) == 1 else (tokens[g.start:g.end], out[g.start:g.end])
-        runs = [(0, H)] if g.head_runs is None else g.head_runs
-        if head_mode == 'full':
-            if not runs:  # no head kept: only proj's bias survives
-                _kept_heads_matmul_into(out_g, x_g[:, :0], proj_t, attn.proj.bias, runs, dh, x_is_full_width=False)
-                continue
-            w_qkv, b_qkv = _head_major_qkv(attn.qkv, H, parts=3)  # rows [q_h; k_h; v_h] per head
-            qkv = _normalize_qk(attn, _qkv_buffer(x_g, w_qkv, b_qkv, runs, dh))
-            _kept_heads_matmul_into(out_g, _attend(qkv, g.counts), proj_t, attn.proj.bias, runs, dh,
+    groups = [(g, [(0, H)] if g.head_runs is None else g.head_runs) for g in packing.groups]
+    if head_mode == 'full':
+        # Every group's q, k, v in one buffer of dh-wide rows, so that one attention pass serves all groups.
+        w_qkv, b_qkv = _head_major_qkv(attn.qkv, H, parts=3)  # rows [q_h; k_h; v_h] per head
+        sizes = [(g.end - g.start) * sum(b - a for a, b in runs) * 3 for g, runs in groups]  # rows of dh
+        qkv = tokens.new_empty(sum(sizes) + 3, dh, dtype=dtype)  # + 3 zero rows for padded slots
+        qkv[-3:].zero_()
+        layout, start = [], 0
+        for (g, runs), size in zip(groups, sizes):
+            if size:
+                _normalize_qk(attn, _qkv_into(qkv[start:start + size], tokens[g.start:g.end], w_qkv, b_qkv, runs, dh))
+                layout.append((start, size // (3 * (g.end - g.start)), g.counts))
+            start += size
+        o = _attend(qkv, layout) if layout else qkv[:0]  # (R / 3, dh)
+        start = 0
+        for (g, runs), size in zip(groups, sizes):  # a group without heads gets proj's bias alone
+            heads_out = o[start:start + size // 3].view(g.end - g.start, sum(b - a for a, b in runs) * dh)
+            _kept_heads_matmul_into(out[g.start:g.end], heads_out, proj_t, attn.proj.bias, runs, dh,
                                     x_is_full_width=False)
-        else:  # partial: a dropped head passes its values through, so v is needed at full width
-            o = F.linear(x_g, attn.qkv.weight[2 * H * dh:], attn.qkv.bias[2 * H * dh:]
-                         if attn.qkv.bias is not None else None)  # (Tg, H*dh) values of every head
-            w_qk, b_qk = _head_major_qkv(attn.qkv, H, parts=2)  # rows [q_h; k_h] per head
-            for a, b in runs:
-                rows = slice(a * 2 * dh, b * 2 * dh)
-                qkv = x_g.new_zeros(x_g.shape[0] + 1, b - a, 3, dh, dtype=o.dtype)  # the _qkv_buffer layout
-                qkv[:-1, :, :2] = F.linear(x_g, w_qk[rows], b_qk[rows] if b_qk is not None else None).view(
-                    -1, b - a, 2, dh)
-                qkv[:-1, :, 2] = o[:, a * dh:b * dh].view(-1, b - a, dh)
-                o[:, a * dh:b * dh] = _attend(_normalize_qk(attn, qkv), g.counts)
-            _linear_into(out_g, o, proj_t, attn.proj.bias)
+            start += size // 3
+        return out
+    for g, runs in groups:  # partial: a dropped head passes its values through, so v is needed at full width
+        x_g = tokens[g.start:g.end]
+        T_g = g.end - g.start
+        o = F.linear(x_g, attn.qkv.weight[2 * H * dh:], attn.qkv.bias[2 * H * dh:]
+                     if attn.qkv.bias is not None else None)  # (Tg, H*dh) values of every head
+        w_qk, b_qk = _head_major_qkv(attn.qkv, H, parts=2)  # rows [q_h; k_h] per head
+        for a, b in runs:
+            rows = slice(a * 2 * dh, b * 2 * dh)
+            qkv = x_g.new_zeros(T_g * (b - a) * 3 + 3, dh, dtype=o.dtype)  # _attend's layout, one group
+            q_k_v = qkv[:-3].view(T_g, b - a, 3, dh)
+            q_k_v[:, :, :2] = F.linear(x_g, w_qk[rows], b_qk[rows] if b_qk is not None else None).view(T_g, b - a, 2, dh)
+            q_k_v[:, :, 2] = o[:, a * dh:b * dh].view(T_g, b - a, dh)
+            _normalize_qk(attn, q_k_v)
+            o[:, a * dh:b * dh] = _attend(qkv, [(0, b - a, g.counts)]).view(T_g, (b - a) * dh)
+        _linear_into(out[g.start:g.end], o, proj_t, attn.proj.bias)
     return out
 
 
