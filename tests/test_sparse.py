@@ -118,6 +118,19 @@ def test_sparse_matches_masked_for_any_attention_bucketing(monkeypatch, split_ma
     assert torch.allclose(masked, out, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize('length', [1, 5, 15, 16, 23])
+def test_matmul_attention_matches_softmax_reference_short_rows_included(length):
+    """Rows shorter than SOFTMAX_MIN_ROW are softmaxed padded with -inf: the same numbers as a plain softmax."""
+    g = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(6, length, 8, generator=g) for _ in range(3))
+    bias = torch.zeros(6, 1, length)
+    bias[::2, :, length // 2 + 1:] = float('-inf')  # some problems padded past half their keys
+    expected = torch.softmax(q @ k.transpose(1, 2) * 0.3 + bias, -1) @ v
+    assert torch.allclose(sparse._attention(q, k, v, bias, 0.3), expected, atol=1e-6, rtol=0)
+    assert torch.allclose(sparse._attention(q, k, v, None, 0.3), torch.softmax(q @ k.transpose(1, 2) * 0.3, -1) @ v,
+                          atol=1e-6, rtol=0)
+
+
 def test_attention_buckets_pad_only_where_one_more_call_costs_more():
     ones = [1] * 5
     # merging 10 -> 11 pads 2 images by 21 pairs (42 MACs at 1 MAC per pair): under a 50-MAC call, merged;
