@@ -1,6 +1,7 @@
 """The sparse executor: same decisions and logits as the masked reference, and MACs that FlopCounterMode confirms."""
 import itertools
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -151,7 +152,7 @@ def test_attention_buckets_bound_the_whole_padding_of_a_bucket():
 
 
 def test_pack_tokens_orders_images_by_token_count_within_a_head_pattern():
-    tokens = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)
+    tokens = np.array([[1, 1, 1], [1, 0, 0], [1, 1, 0]], dtype=bool)
     packing = pack_tokens(None, tokens, None, num_tokens=3, batch_size=3)
     assert packing.rows.tolist() == [3, 6, 7, 0, 1, 2]  # image 1 (1 token), image 2 (2), image 0 (3)
     assert packing.groups[0].counts == [1, 2, 3]
@@ -194,16 +195,16 @@ def test_eval_with_gradients_on_uses_the_exact_masked_path():
 
 
 def test_pack_tokens_groups_by_head_pattern():
-    run = torch.tensor([True, False, True, True])
-    tokens = torch.tensor([[1, 1, 0], [1, 0, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
-    heads = torch.tensor([[1, 0, 1], [1, 1, 1], [1, 1, 1], [1, 0, 1]], dtype=torch.bool)
+    run = np.array([True, False, True, True])
+    tokens = np.array([[1, 1, 0], [1, 0, 1], [1, 0, 0], [1, 1, 1]], dtype=bool)
+    heads = np.array([[1, 0, 1], [1, 1, 1], [1, 1, 1], [1, 0, 1]], dtype=bool)
     packing = pack_tokens(run, tokens, heads, num_tokens=3, batch_size=4)
     # images 0 and 3 share pattern 0b101 (code 5), image 2 keeps every head (code 7): sorted by code
     assert packing.rows.tolist() == [0, 1, 9, 10, 11, 6]
     assert [(g.start, g.end, g.counts, g.head_runs) for g in packing.groups] == \
         [(0, 5, [2, 3], [(0, 1), (2, 3)]), (5, 6, [1], None)]
-    assert pack_tokens(torch.zeros(4, dtype=torch.bool), tokens, heads, 3, 4) is None
-    assert pack_tokens(None, None, torch.ones(4, 3, dtype=torch.bool), 3, 4).rows is None
+    assert pack_tokens(np.zeros(4, dtype=bool), tokens, heads, 3, 4) is None
+    assert pack_tokens(None, None, np.ones((4, 3), dtype=bool), 3, 4).rows is None
     assert head_runs(0b1101, 4) == [(0, 1), (2, 4)] and head_runs(0, 4) == [] and head_runs(0b1111, 4) == [(0, 4)]
 
 

@@ -60,13 +60,17 @@ def head_runs(pattern: int, num_heads: int) -> List[Tuple[int, int]]:
 
 
 def pack_tokens(
-        run: Optional[torch.Tensor],
-        tokens: Optional[torch.Tensor],
-        heads: Optional[torch.Tensor],
+        run: Optional[np.ndarray],
+        tokens: Optional[np.ndarray],
+        heads: Optional[np.ndarray],
         num_tokens: int,
         batch_size: int,
+        device: Optional[torch.device] = None,
 ) -> Optional[Packing]:
     """Plan one sub-block: its images, their kept tokens, and the head groups.
+
+    The plan is a few hundred decisions' worth of bookkeeping, so it runs in NumPy: torch's per-op overhead is several
+    times NumPy's at this size, and in the middle of a forward each op also finds its caches flushed by the matmuls.
 
     Args:
         run: (B,) bool, images that run the sub-block, or None for all.
@@ -74,42 +78,41 @@ def pack_tokens(
         heads: (B, H) bool, kept heads, or None when heads are not grouped on.
         num_tokens: N.
         batch_size: B.
+        device: Where the packed row indices go.
 
     Returns:
         The packing, or None when no image runs the sub-block.
     """
-    device = next((t.device for t in (run, tokens, heads) if t is not None), None)
-    if heads is not None and bool(heads.all()):
+    if heads is not None and heads.all():
         heads = None
     if run is None and tokens is None and heads is None:
         return Packing(None, [HeadGroup(0, batch_size * num_tokens, [num_tokens] * batch_size, None)])
 
-    images = torch.arange(batch_size, device=device) if run is None else run.nonzero().squeeze(1)  # (n,)
-    if images.numel() == 0:
+    images = np.arange(batch_size) if run is None else np.flatnonzero(run)  # (n,)
+    if images.size == 0:
         return None
     # Order the images by head pattern, then by kept-token count: a head group is then contiguous, and within it images
-    # of similar length are neighbours, so that attention pads each one only to a neighbour's length (``_attend``).
-    counts = torch.full_like(images, num_tokens) if tokens is None else tokens[images].sum(1)  # (n,)
+    # of similar length are neighbours.
+    counts = np.full(images.size, num_tokens) if tokens is None else np.count_nonzero(tokens[images], axis=1)  # (n,)
     codes = counts
     if heads is not None:
-        head_bits = 1 << torch.arange(heads.shape[1], device=heads.device)
-        codes = (heads[images].long() * head_bits).sum(1) * (num_tokens + 1) + counts  # (n,) pattern, then count
-    patterns = sizes = None
-    if images.numel() > 1 and (heads is not None or tokens is not None):
-        order = torch.argsort(codes, stable=True)
+        patterns = heads[images] @ (1 << np.arange(heads.shape[1]))  # (n,) kept heads as bits
+        codes = patterns * (num_tokens + 1) + counts  # pattern, then count
+    if images.size > 1 and (heads is not None or tokens is not None):
+        order = np.argsort(codes, kind='stable')
         images, codes, counts = images[order], codes[order], counts[order]
-    if heads is not None:
-        patterns, sizes = torch.unique_consecutive(codes // (num_tokens + 1), return_counts=True)
 
     if tokens is None:
-        rows = (images[:, None] * num_tokens + torch.arange(num_tokens, device=images.device)).flatten()
+        rows = (images[:, None] * num_tokens + np.arange(num_tokens)).ravel()
     else:
-        image_pos, token_pos = tokens[images].nonzero().unbind(1)  # row-major: images in order, tokens ascending
+        image_pos, token_pos = np.nonzero(tokens[images])  # row-major: images in order, tokens ascending
         rows = images[image_pos] * num_tokens + token_pos  # (T,)
+    rows = torch.from_numpy(rows).to(device)
 
     counts_list = counts.tolist()
-    if patterns is None:
+    if heads is None:
         return Packing(rows, [HeadGroup(0, rows.numel(), counts_list, None)])
+    patterns, sizes = np.unique(codes // (num_tokens + 1), return_counts=True)  # ascending, as the images are
     groups, image_start, row_start = [], 0, 0
     num_heads = heads.shape[1]
     for pattern, size in zip(patterns.tolist(), sizes.tolist()):
@@ -563,19 +566,20 @@ def _plan_batch(
         head_mode: str,
 ) -> Tuple[Optional[Packing], Optional[Packing]]:
     """The MSA and FFN packings of a batch (``_plan_single_image``'s arguments, for B images)."""
-    tokens = None if patch_keep is None or bool((patch_keep > 0.5).all()) else patch_keep > 0.5
-    heads = None if head_keep is None else head_keep > 0.5
+    device = next((t.device for t in (patch_keep, head_keep, block_keep) if t is not None), None)
+    # One host copy of each decision tensor, then NumPy (``pack_tokens``).
+    tokens, heads, runs = (None if t is None else (t > 0.5).cpu().numpy() for t in (patch_keep, head_keep, block_keep))
+    if tokens is not None and tokens.all():
+        tokens = None
     run_msa = run_ffn = None
-    if block_keep is not None:
-        runs = block_keep > 0.5  # (B, 2)
-        both = runs.all(0).tolist()  # one sync for both checks
-        run_msa, run_ffn = (None if both[0] else runs[:, 0]), (None if both[1] else runs[:, 1])
-    msa = pack_tokens(run_msa, tokens, heads, num_tokens, batch_size)
+    if runs is not None:  # (B, 2)
+        run_msa, run_ffn = (None if runs[:, i].all() else runs[:, i] for i in range(2))
+    msa = pack_tokens(run_msa, tokens, heads, num_tokens, batch_size, device)
     # Partial deactivation leaves the FFN whole, so its tokens need no head grouping.
     ffn_heads = heads if head_mode == 'full' else None
     if run_ffn is None and run_msa is None and ffn_heads is heads:
         return msa, msa  # the same images, tokens and head groups: plan once
-    return msa, pack_tokens(run_ffn, tokens, ffn_heads, num_tokens, batch_size)
+    return msa, pack_tokens(run_ffn, tokens, ffn_heads, num_tokens, batch_size, device)
 
 
 def sparse_block_forward(
