@@ -627,7 +627,7 @@ def sparse_block_forward(
 
     if ffn_packing is not None:
         rows = ffn_packing.rows
-        x_ffn = x.reshape(B * N, -1) if rows is None else x.reshape(B * N, -1)[rows]
+        x_ffn = x.reshape(B * N, -1) if rows is None else x.reshape(B * N, -1).index_select(0, rows)  # (T, D)
         x = _add_rows(x, rows, block.ls2(_ffn(block, x_ffn, ffn_packing, block.attn.head_dim)))
     return x
 
