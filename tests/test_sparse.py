@@ -50,6 +50,19 @@ def _both(model: AdaViT, x: torch.Tensor, decisions=None):
     return masked, sparse
 
 
+@pytest.mark.parametrize('head_mode', ['full', 'partial'])
+def test_sparse_matches_masked_with_layer_scale(head_mode):
+    """With layer scale, proj and fc2 cannot add into the residual rows themselves: the outputs are scaled, then added."""
+    model = AdaViT(init_values=0.5, head_mode=head_mode, **TINY).eval()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.ls1.gamma.uniform_(0.2, 2.0)
+            blk.ls2.gamma.uniform_(0.2, 2.0)
+    for batch, edge in ((1, ''), (8, 'mixed')):
+        (masked, _), (sparse, _) = _both(model, torch.randn(batch, 3, 32, 32), _random_decisions(batch, edge=edge))
+        assert torch.allclose(masked, sparse, atol=1e-4, rtol=0), (batch, (masked - sparse).abs().max())
+
+
 @pytest.mark.parametrize('head_mode,patch_policy', list(itertools.product(['full', 'partial'], ['token', 'cls'])))
 @pytest.mark.parametrize('batch', [1, 2, 7, 64])
 def test_sparse_matches_masked_on_random_decisions(head_mode, patch_policy, batch):

@@ -209,14 +209,26 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
-def _linear_into(out: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-    """``out = x @ weight_t + bias``, written into ``out`` (a row slice of a larger buffer: no concatenation)."""
+def _linear_into(
+        out: torch.Tensor,
+        x: torch.Tensor,
+        weight_t: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        accumulate: bool = False,
+) -> None:
+    """``out = x @ weight_t + bias`` (or ``out += ...``), written into ``out``: a row slice of a larger buffer, or the
+    residual rows themselves, so that no output is concatenated or added afterwards."""
     dtype = out.dtype
     # Casts only where needed: even a no-op ``.to`` is a dispatcher round trip, and a batch-1 forward makes hundreds.
     x = x if x.dtype == dtype else x.to(dtype)
     weight_t = weight_t if weight_t.dtype == dtype else weight_t.to(dtype)
     if bias is not None:
         bias = bias if bias.dtype == dtype else bias.to(dtype)
+    if accumulate:  # the out= form, not addmm_, so that FlopCounterMode sees the work
+        torch.addmm(out, x, weight_t, out=out)
+        if bias is not None:
+            out += bias
+    elif bias is not None:
         torch.addmm(bias, x, weight_t, out=out)
     else:
         torch.mm(x, weight_t, out=out)
@@ -236,8 +248,9 @@ def _kept_heads_matmul_into(
         runs: List[Tuple[int, int]],
         head_dim: int,
         x_is_full_width: bool,
+        accumulate: bool = False,
 ) -> None:
-    """``out = x[:, kept channels] @ weight_t[kept channels] + bias`` (see ``GATHER_FROM_RUNS``).
+    """``out = x[:, kept channels] @ weight_t[kept channels] + bias`` (see ``GATHER_FROM_RUNS``), or ``out += ...``.
 
     Args:
         out: (T, O) destination.
@@ -246,23 +259,25 @@ def _kept_heads_matmul_into(
         bias: (O,) or None.
         runs: Kept head ranges.
         head_dim: Channels per head.
+        accumulate: Add to ``out`` instead of overwriting it.
     """
     if not runs:  # every input channel dropped: only the bias survives
-        out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
+        if accumulate:
+            if bias is not None:
+                out += bias
+        else:
+            out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
     elif len(runs) >= GATHER_FROM_RUNS:
         channels = _run_channels(runs, head_dim, x.device)
         _linear_into(out, x.index_select(1, channels) if x_is_full_width else x, weight_t.index_select(0, channels),
-                     bias)
+                     bias, accumulate)
     else:  # one matmul per range, accumulated in place
         offset = 0
         for i, (a, b) in enumerate(runs):
             lo, hi = a * head_dim, b * head_dim
             x_run = x[:, lo:hi] if x_is_full_width else x[:, offset:offset + hi - lo]
             offset += hi - lo
-            if i == 0:
-                _linear_into(out, x_run, weight_t[lo:hi], bias)
-            else:  # the out= form, not addmm_, so that FlopCounterMode sees the work
-                torch.addmm(out, x_run.to(out.dtype), weight_t[lo:hi].to(out.dtype), out=out)
+            _linear_into(out, x_run, weight_t[lo:hi], bias if i == 0 else None, accumulate or i > 0)
 
 
 def _run_channels(runs: List[Tuple[int, int]], head_dim: int, device: torch.device) -> torch.Tensor:
@@ -473,8 +488,15 @@ def _attend(qkv: torch.Tensor, groups: List[Tuple[int, int, List[int]]]) -> torc
     return out.index_select(0, slot_of_row_t)
 
 
-def _msa(block: Block, x_normed: torch.Tensor, packing: Packing, head_mode: str) -> torch.Tensor:
-    """MSA outputs (before ``ls1``) of the packed rows, (T, D)."""
+def _msa(
+        block: Block,
+        x_normed: torch.Tensor,
+        packing: Packing,
+        head_mode: str,
+        into: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """MSA outputs (before ``ls1``) of the packed rows, (T, D): added to ``into`` and ``into`` returned, where given
+    and the path allows it (the caller adds what comes back otherwise)."""
     attn = block.attn
     D = x_normed.shape[-1]
     H, dh = attn.num_heads, attn.head_dim
@@ -486,7 +508,8 @@ def _msa(block: Block, x_normed: torch.Tensor, packing: Packing, head_mode: str)
         # every head, images of equal token counts: timm's own attention module, on (n, L, D)
         return attn(tokens.view(len(first.counts), -1, D)).view(-1, D)
     dtype = _compute_dtype(tokens)
-    out = tokens.new_empty(packing.num_rows, attn.proj.out_features, dtype=dtype)
+    accumulate = into is not None
+    out = into if accumulate else tokens.new_empty(packing.num_rows, attn.proj.out_features, dtype=dtype)
     proj_t = _transposed(attn.proj)  # (H*dh, D)
     groups = [(g, [(0, H)] if g.head_runs is None else g.head_runs) for g in packing.groups]
     if head_mode == 'full':
@@ -506,7 +529,7 @@ def _msa(block: Block, x_normed: torch.Tensor, packing: Packing, head_mode: str)
         for (g, runs), size in zip(groups, sizes):  # a group without heads gets proj's bias alone
             heads_out = o[start:start + size // 3].view(g.end - g.start, sum(b - a for a, b in runs) * dh)
             _kept_heads_matmul_into(out[g.start:g.end], heads_out, proj_t, attn.proj.bias, runs, dh,
-                                    x_is_full_width=False)
+                                    x_is_full_width=False, accumulate=accumulate)
             start += size // 3
         return out
     for g, runs in groups:  # partial: a dropped head passes its values through, so v is needed at full width
@@ -523,12 +546,19 @@ def _msa(block: Block, x_normed: torch.Tensor, packing: Packing, head_mode: str)
             q_k_v[:, :, 2] = o[:, a * dh:b * dh].view(T_g, b - a, dh)
             _normalize_qk(attn, q_k_v)
             o[:, a * dh:b * dh] = _attend(qkv, [(0, b - a, g.counts)]).view(T_g, (b - a) * dh)
-        _linear_into(out[g.start:g.end], o, proj_t, attn.proj.bias)
+        _linear_into(out[g.start:g.end], o, proj_t, attn.proj.bias, accumulate)
     return out
 
 
-def _ffn(block: Block, x_ffn: torch.Tensor, packing: Packing, head_dim: int) -> torch.Tensor:
-    """FFN outputs (before ``ls2``) of packed, not yet normed rows (T, D); fc1 reads only kept heads' channels."""
+def _ffn(
+        block: Block,
+        x_ffn: torch.Tensor,
+        packing: Packing,
+        head_dim: int,
+        into: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """FFN outputs (before ``ls2``) of packed, not yet normed rows (T, D); fc1 reads only kept heads' channels. Added to
+    ``into`` and ``into`` returned, where given and the MLP has no norm or dropout between fc1 and fc2."""
     mlp = block.mlp
     h2 = block.norm2(x_ffn)  # (T, D)
     hidden = h2.new_empty(packing.num_rows, mlp.fc1.out_features, dtype=_compute_dtype(h2))  # (T, R)
@@ -545,6 +575,10 @@ def _ffn(block: Block, x_ffn: torch.Tensor, packing: Packing, head_dim: int) -> 
         hidden = torch.ops.aten.gelu_(hidden, approximate=mlp.act.approximate)
     else:
         hidden = mlp.act(hidden)
+    if into is not None and all(isinstance(m, (torch.nn.Identity, torch.nn.Dropout))
+                                for m in (mlp.drop1, mlp.norm, mlp.drop2)):  # eval: dropout does nothing
+        _linear_into(into, hidden, mlp.fc2.weight.t(), mlp.fc2.bias, accumulate=True)
+        return into
     return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(hidden))))
 
 
@@ -618,8 +652,17 @@ def sparse_block_forward(
         # matrix, and write them back once, instead of a scatter-add, a gather and a scatter-add.
         flat = x.view(B * N, -1)
         x_kept = flat.index_select(0, rows)  # (T, D)
-        x_kept += block.ls1(_msa(block, x_normed, msa_packing, head_mode)).to(x.dtype)
-        x_kept += block.ls2(_ffn(block, x_kept, ffn_packing, block.attn.head_dim)).to(x.dtype)
+        # Without layer scale, and in the residual's dtype, proj and fc2 add their products to x_kept themselves: no
+        # (T, D) output, no separate residual add.
+        plain = _compute_dtype(x) == x.dtype
+        into = x_kept if plain and isinstance(block.ls1, torch.nn.Identity) else None
+        msa = _msa(block, x_normed, msa_packing, head_mode, into)
+        if msa is not x_kept:
+            x_kept += block.ls1(msa).to(x.dtype)
+        into = x_kept if plain and isinstance(block.ls2, torch.nn.Identity) else None
+        ffn = _ffn(block, x_kept, ffn_packing, block.attn.head_dim, into)
+        if ffn is not x_kept:
+            x_kept += block.ls2(ffn).to(x.dtype)
         return flat.index_copy_(0, rows, x_kept).view(B, N, -1)
 
     if msa_packing is not None:
