@@ -145,6 +145,17 @@ def test_matmul_attention_matches_softmax_reference_short_rows_included(length):
                           atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize('dtype,width', [(torch.float32, 48), (torch.float32, 7), (torch.bfloat16, 16)])
+def test_copy_rows_is_index_copy(dtype, width):
+    """Rows copied as 16-byte elements where they divide evenly, element by element otherwise: the same bits."""
+    x = torch.randn(20, width).to(dtype)
+    rows = torch.tensor([7, 0, 19, 3])
+    values = torch.randn(4, width).to(dtype)
+    expected = x.clone().index_copy_(0, rows, values)
+    sparse._copy_rows(x, rows, values)
+    assert torch.equal(x, expected)
+
+
 def test_attention_buckets_pad_only_where_one_more_call_costs_more():
     ones = [1] * 5
     # merging 10 -> 11 pads 2 images by 21 pairs (42 MACs at 1 MAC per pair): under a 50-MAC call, merged;
