@@ -582,15 +582,6 @@ def _ffn(
     return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(hidden))))
 
 
-def _add_rows(x: torch.Tensor, rows: Optional[torch.Tensor], update: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, N, D) with ``update`` (T, D) added in place at flattened ``rows`` (at every row when None)."""
-    B, N, D = x.shape
-    update = update.to(x.dtype)  # under autocast the layers return bf16/fp16 while the residual stream stays fp32
-    if rows is None:
-        return x.add_(update.view(B, N, D))
-    return x.view(B * N, D).index_add_(0, rows, update).view(B, N, D)
-
-
 def _copy_rows(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
     """``x[rows] = values`` for (R, D) ``x`` and (T, D) ``values``, in place.
 
@@ -658,32 +649,29 @@ def sparse_block_forward(
         msa_packing, ffn_packing = _plan_single_image(patch_keep, head_keep, block_keep, N, head_mode)
     else:
         msa_packing, ffn_packing = _plan_batch(patch_keep, head_keep, block_keep, N, B, head_mode)
-    rows = None if msa_packing is None or ffn_packing is None else msa_packing.rows
-    if rows is not None and ffn_packing.rows is rows:
-        # Both sub-blocks update the same rows: gather the residual rows once, add both updates on the packed (T, D)
-        # matrix, and write them back once, instead of a scatter-add, a gather and a scatter-add.
-        flat = x.view(B * N, -1)
-        x_kept = flat.index_select(0, rows)  # (T, D)
-        # Without layer scale, and in the residual's dtype, proj and fc2 add their products to x_kept themselves: no
-        # (T, D) output, no separate residual add.
-        plain = _compute_dtype(x) == x.dtype
-        into = x_kept if plain and isinstance(block.ls1, torch.nn.Identity) else None
-        msa = _msa(block, x_normed, msa_packing, head_mode, into)
-        if msa is not x_kept:
-            x_kept += block.ls1(msa).to(x.dtype)
-        into = x_kept if plain and isinstance(block.ls2, torch.nn.Identity) else None
-        ffn = _ffn(block, x_kept, ffn_packing, block.attn.head_dim, into)
-        if ffn is not x_kept:
-            x_kept += block.ls2(ffn).to(x.dtype)
-        _copy_rows(flat, rows, x_kept)
-        return x
-
+    flat = x.view(B * N, -1)
+    # Under autocast the layers compute in bf16/fp16 while the residual stream stays fp32: their outputs are then added.
+    plain = _compute_dtype(x) == x.dtype
+    shared = msa_packing is not None and ffn_packing is not None and ffn_packing.rows is msa_packing.rows
+    # A sub-block updates its residual rows: all of them in place, or its packed rows, gathered and written back (once
+    # for both sub-blocks when they keep the same rows). Without layer scale, proj and fc2 add their products into these
+    # rows themselves: no (T, D) output, no separate add.
+    residual = None
     if msa_packing is not None:
-        x = _add_rows(x, msa_packing.rows, block.ls1(_msa(block, x_normed, msa_packing, head_mode)))
-
+        residual = flat if msa_packing.rows is None else flat.index_select(0, msa_packing.rows)  # (T, D)
+        into = residual if plain and isinstance(block.ls1, torch.nn.Identity) else None
+        out = _msa(block, x_normed, msa_packing, head_mode, into)
+        if out is not residual:
+            residual += block.ls1(out).to(x.dtype)
+        if msa_packing.rows is not None and not shared:
+            _copy_rows(flat, msa_packing.rows, residual)
     if ffn_packing is not None:
-        rows = ffn_packing.rows
-        x_ffn = x.reshape(B * N, -1) if rows is None else x.reshape(B * N, -1).index_select(0, rows)  # (T, D)
-        x = _add_rows(x, rows, block.ls2(_ffn(block, x_ffn, ffn_packing, block.attn.head_dim)))
+        if not shared:
+            residual = flat if ffn_packing.rows is None else flat.index_select(0, ffn_packing.rows)  # (T, D)
+        into = residual if plain and isinstance(block.ls2, torch.nn.Identity) else None
+        out = _ffn(block, residual, ffn_packing, block.attn.head_dim, into)
+        if out is not residual:
+            residual += block.ls2(out).to(x.dtype)
+        if ffn_packing.rows is not None:
+            _copy_rows(flat, ffn_packing.rows, residual)
     return x
-
