@@ -420,7 +420,8 @@ def _attend(qkv: torch.Tensor, groups: List[Tuple[int, int, List[int]]]) -> torc
     Args:
         qkv: (R + 3, dh) rows: head group g's q, k, v as (T_g, h_g, 3, dh) from row ``start_g``, then three rows of
             zeros that padded attention slots read.
-        groups: (start_g, h_g, counts_g) per head group; ``counts_g`` are the tokens of its images, in packed order.
+        groups: (start_g, h_g, counts_g) per head group; ``counts_g`` are the tokens of its images, in packed order,
+            which ``pack_tokens`` makes ascending within a group.
 
     Returns:
         (R / 3, dh) attention outputs: group g's as (T_g, h_g, dh) from row ``start_g / 3``.
@@ -439,8 +440,9 @@ def _attend(qkv: torch.Tensor, groups: List[Tuple[int, int, List[int]]]) -> torc
     counts = np.concatenate(group_counts)
     heads = np.concatenate([np.full(len(c), h) for (_, h, _), c in zip(groups, group_counts)])
     first_rows = np.concatenate([start + 3 * h * (np.cumsum(c) - c) for (start, h, _), c in zip(groups, group_counts)])
-    order = np.argsort(counts, kind='stable')
-    counts, heads, first_rows = counts[order], heads[order], first_rows[order]
+    if len(groups) > 1:  # within a group, ``pack_tokens`` has already sorted the images by count
+        order = np.argsort(counts, kind='stable')
+        counts, heads, first_rows = counts[order], heads[order], first_rows[order]
     buckets = attention_buckets(counts.tolist(), heads.tolist(), 2 * dh,
                                 SPLIT_COST_MACS.get(qkv.device.type, float('inf')))
 
@@ -461,8 +463,9 @@ def _attend(qkv: torch.Tensor, groups: List[Tuple[int, int, List[int]]]) -> torc
     plan, slot = [], 0
     for i, (first, _, length) in enumerate(buckets):
         a, b = problem_bounds[i], problem_bounds[i + 1]
-        rows_b = rows[slot:slot + sizes[i]].reshape(b - a, length)
-        np.add(first_row[a:b, None], positions[:length] * stride[a:b, None], out=rows_b)  # (problems, L)
+        rows_b = rows[slot:slot + sizes[i]].reshape(b - a, length)  # (problems, L)
+        np.multiply(positions[:length], stride[a:b, None], out=rows_b)
+        rows_b += first_row[a:b, None]
         has_padding = counts[first] < length  # ascending counts: the bucket's first image is its shortest
         if has_padding:
             padding = positions[:length] >= count[a:b, None]
