@@ -451,11 +451,12 @@ def _attend(qkv: torch.Tensor, groups: List[Tuple[int, int, List[int]]]) -> torc
     # one, or the zero row where it is padding, and its key gets a bias of -inf there. Per problem: its first row, the
     # stride between its tokens' rows (its image's heads), its token count; per bucket, a (problems, L) matrix of rows.
     # NumPy: a few hundred problems, and a handful of vector operations per bucket.
+    first_problem = np.concatenate([[0], np.cumsum(heads)])  # (n + 1,) each image's first problem, then the total
     image = np.repeat(np.arange(len(counts)), heads)  # (p,) problems, image by image
-    head = np.arange(len(image)) - np.repeat(np.cumsum(heads) - heads, heads)
+    head = np.arange(len(image)) - first_problem[image]
     first_row, stride, count = first_rows[image] // 3 + head, heads[image], counts[image]
     zero_row = qkv.shape[0] // 3 - 1
-    problem_bounds = np.concatenate([[0], np.cumsum(heads)])[[first for first, _, _ in buckets] + [len(counts)]]
+    problem_bounds = first_problem[[first for first, _, _ in buckets] + [len(counts)]]  # bucket b: [b], [b + 1]
     sizes = [(problem_bounds[i + 1] - problem_bounds[i]) * length for i, (_, _, length) in enumerate(buckets)]
     rows = np.empty(sum(sizes), dtype=np.int64)  # (P,) padded slots
     bias = np.zeros(sum(sizes), dtype=np.float32)
@@ -518,22 +519,22 @@ def _msa(
     if head_mode == 'full':
         # Every group's q, k, v in one buffer of dh-wide rows, so that one attention pass serves all groups.
         w_qkv, b_qkv = _head_major_qkv(attn.qkv, H, parts=3)  # rows [q_h; k_h; v_h] per head
-        sizes = [(g.end - g.start) * sum(b - a for a, b in runs) * 3 for g, runs in groups]  # rows of dh
-        qkv = tokens.new_empty(sum(sizes) + 3, dh, dtype=dtype)  # + 3 zero rows for padded slots
+        kept = [sum(b - a for a, b in runs) for _, runs in groups]  # heads per group
+        rows = [(g.end - g.start) * h for (g, _), h in zip(groups, kept)]  # (token, head) rows per group
+        qkv = tokens.new_empty(3 * sum(rows) + 3, dh, dtype=dtype)  # + 3 zero rows for padded slots
         qkv[-3:].zero_()
         layout, start = [], 0
-        for (g, runs), size in zip(groups, sizes):
-            if size:
-                _normalize_qk(attn, _qkv_into(qkv[start:start + size], tokens[g.start:g.end], w_qkv, b_qkv, runs, dh))
-                layout.append((start, size // (3 * (g.end - g.start)), g.counts))
-            start += size
+        for (g, runs), h, n in zip(groups, kept, rows):
+            if n:
+                _normalize_qk(attn, _qkv_into(qkv[start:start + 3 * n], tokens[g.start:g.end], w_qkv, b_qkv, runs, dh))
+                layout.append((start, h, g.counts))
+            start += 3 * n
         o = _attend(qkv, layout) if layout else qkv[:0]  # (R / 3, dh)
         start = 0
-        for (g, runs), size in zip(groups, sizes):  # a group without heads gets proj's bias alone
-            heads_out = o[start:start + size // 3].view(g.end - g.start, sum(b - a for a, b in runs) * dh)
-            _kept_heads_matmul_into(out[g.start:g.end], heads_out, proj_t, attn.proj.bias, runs, dh,
-                                    x_is_full_width=False, accumulate=accumulate)
-            start += size // 3
+        for (g, runs), h, n in zip(groups, kept, rows):  # a group without heads gets proj's bias alone
+            _kept_heads_matmul_into(out[g.start:g.end], o[start:start + n].view(g.end - g.start, h * dh), proj_t,
+                                    attn.proj.bias, runs, dh, x_is_full_width=False, accumulate=accumulate)
+            start += n
         return out
     for g, runs in groups:  # partial: a dropped head passes its values through, so v is needed at full width
         x_g = tokens[g.start:g.end]
@@ -543,7 +544,8 @@ def _msa(
         w_qk, b_qk = _head_major_qkv(attn.qkv, H, parts=2)  # rows [q_h; k_h] per head
         for a, b in runs:
             rows = slice(a * 2 * dh, b * 2 * dh)
-            qkv = x_g.new_zeros(T_g * (b - a) * 3 + 3, dh, dtype=o.dtype)  # _attend's layout, one group
+            qkv = x_g.new_empty(T_g * (b - a) * 3 + 3, dh, dtype=o.dtype)  # _attend's layout, one group
+            qkv[-3:].zero_()
             q_k_v = qkv[:-3].view(T_g, b - a, 3, dh)
             q_k_v[:, :, :2] = F.linear(x_g, w_qk[rows], b_qk[rows] if b_qk is not None else None).view(T_g, b - a, 2, dh)
             q_k_v[:, :, 2] = o[:, a * dh:b * dh].view(T_g, b - a, dh)
