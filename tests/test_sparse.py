@@ -232,6 +232,27 @@ def test_pack_tokens_groups_by_head_pattern():
     assert head_runs(0b1101, 4) == [(0, 1), (2, 4)] and head_runs(0, 4) == [] and head_runs(0b1111, 4) == [(0, 4)]
 
 
+
+@pytest.mark.parametrize('seed', range(4))
+def test_pack_tokens_matches_a_plain_loop_on_random_masks(seed):
+    """Rows and groups against the definition: images that run, by (head pattern, kept count), each with its kept tokens
+    in order, as rows of the flattened batch."""
+    rng = np.random.default_rng(seed)
+    B, N, H = 13, 7, 3
+    run, tokens, heads = rng.random(B) < 0.8, rng.random((B, N)) < 0.5, rng.random((B, H)) < 0.7
+    packing = pack_tokens(run, tokens, heads, num_tokens=N, batch_size=B)
+    images = sorted((i for i in range(B) if run[i]),
+                    key=lambda i: (sum(int(h) << j for j, h in enumerate(heads[i])), tokens[i].sum()))
+    assert packing.rows.tolist() == [i * N + t for i in images for t in range(N) if tokens[i, t]]
+    assert sum((g.counts for g in packing.groups), []) == [int(tokens[i].sum()) for i in images]
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_host_mask_thresholds_at_one_half(dtype):
+    decisions = torch.tensor([[0.0, 1.0, 0.5], [1.0, 0.0, 1.0]]).to(dtype)
+    assert sparse._host_mask(decisions).tolist() == [[False, True, False], [True, False, True]]
+
+
 def _flop_counted_macs(model: AdaViT, x: torch.Tensor, decisions=None) -> float:
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(x, decisions=decisions)

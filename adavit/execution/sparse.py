@@ -93,7 +93,8 @@ def pack_tokens(
         return None
     # Order the images by head pattern, then by kept-token count: a head group is then contiguous, and within it images
     # of similar length are neighbours.
-    counts = np.full(images.size, num_tokens) if tokens is None else np.count_nonzero(tokens[images], axis=1)  # (n,)
+    kept = None if tokens is None else tokens[images]  # (n, N)
+    counts = np.full(images.size, num_tokens) if kept is None else np.count_nonzero(kept, axis=1)  # (n,)
     codes = counts
     if heads is not None:
         patterns = heads[images] @ (1 << np.arange(heads.shape[1]))  # (n,) kept heads as bits
@@ -101,12 +102,15 @@ def pack_tokens(
     if images.size > 1 and (heads is not None or tokens is not None):
         order = np.argsort(codes, kind='stable')
         images, codes, counts = images[order], codes[order], counts[order]
+        kept = None if kept is None else kept[order]
 
     if tokens is None:
         rows = (images[:, None] * num_tokens + np.arange(num_tokens)).ravel()
     else:
-        image_pos, token_pos = np.nonzero(tokens[images])  # row-major: images in order, tokens ascending
-        rows = images[image_pos] * num_tokens + token_pos  # (T,)
+        # Kept positions of the (n, N) mask, row-major (images in packed order, tokens ascending), shifted from
+        # each image's place in the mask to its place in the batch. (One flat index is half the cost of a 2-D nonzero.)
+        flat = np.flatnonzero(kept)  # (T,)
+        rows = flat + ((images - np.arange(images.size)) * num_tokens)[flat // num_tokens]  # (T,)
     rows = torch.from_numpy(rows).to(device)
 
     counts_list = counts.tolist()
@@ -599,6 +603,14 @@ def _copy_rows(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> Non
     x.index_copy_(0, rows, values)
 
 
+def _host_mask(decisions: torch.Tensor) -> np.ndarray:
+    """``decisions > 0.5`` as a NumPy bool array. Where NumPy can read the tensor in place (CPU, fp32 or fp64), it
+    compares: at a few thousand decisions a torch op costs several times as much."""
+    if decisions.device.type == 'cpu' and decisions.dtype in (torch.float32, torch.float64):
+        return decisions.detach().numpy() > 0.5
+    return (decisions > 0.5).cpu().numpy()
+
+
 def _plan_batch(
         patch_keep: Optional[torch.Tensor],
         head_keep: Optional[torch.Tensor],
@@ -610,7 +622,7 @@ def _plan_batch(
     """The MSA and FFN packings of a batch (``_plan_single_image``'s arguments, for B images)."""
     device = next((t.device for t in (patch_keep, head_keep, block_keep) if t is not None), None)
     # One host copy of each decision tensor, then NumPy (``pack_tokens``).
-    tokens, heads, runs = (None if t is None else (t > 0.5).cpu().numpy() for t in (patch_keep, head_keep, block_keep))
+    tokens, heads, runs = (None if t is None else _host_mask(t) for t in (patch_keep, head_keep, block_keep))
     if tokens is not None and tokens.all():
         tokens = None
     run_msa = run_ffn = None
