@@ -253,6 +253,19 @@ def test_host_mask_thresholds_at_one_half(dtype):
     assert sparse._host_mask(decisions).tolist() == [[False, True, False], [True, False, True]]
 
 
+
+def test_sparse_under_inference_mode_and_its_weight_copies_after_it():
+    """Deployment runs under ``torch.inference_mode()``: the same logits as the masked reference, and the re-laid-out
+    weight copies made there (inference tensors) still serve later calls under ``no_grad``."""
+    model = AdaViT(**TINY).eval()
+    x, decisions = torch.randn(5, 3, 32, 32), _random_decisions(5, seed=4, edge='mixed')
+    with torch.inference_mode():
+        sparse_inference = model(x, decisions=decisions)
+    (masked, _), (sparse, _) = _both(model, x, decisions)
+    assert torch.allclose(sparse_inference, masked, atol=1e-4, rtol=0)
+    assert torch.equal(sparse_inference, sparse)
+
+
 def _flop_counted_macs(model: AdaViT, x: torch.Tensor, decisions=None) -> float:
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(x, decisions=decisions)
