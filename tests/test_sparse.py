@@ -248,9 +248,13 @@ def test_pack_tokens_matches_a_plain_loop_on_random_masks(seed):
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_host_mask_thresholds_at_one_half(dtype):
-    decisions = torch.tensor([[0.0, 1.0, 0.5], [1.0, 0.0, 1.0]]).to(dtype)
-    assert sparse._host_mask(decisions).tolist() == [[False, True, False], [True, False, True]]
+def test_host_masks_threshold_at_one_half(dtype):
+    """fp32/fp64 are read in place by NumPy; other dtypes take the one-copy path a GPU takes."""
+    patch, block = torch.tensor([[0.0, 1.0, 0.5], [1.0, 0.0, 1.0]]).to(dtype), torch.tensor([[1.0, 0.0]]).to(dtype)
+    tokens, heads, blocks = sparse._host_masks(patch, None, block)
+    assert tokens.tolist() == [[False, True, False], [True, False, True]] and heads is None
+    assert blocks.tolist() == [[True, False]]
+    assert sparse._host_masks(None, None) == [None, None]
 
 
 

@@ -603,12 +603,20 @@ def _copy_rows(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> Non
     x.index_copy_(0, rows, values)
 
 
-def _host_mask(decisions: torch.Tensor) -> np.ndarray:
-    """``decisions > 0.5`` as a NumPy bool array. Where NumPy can read the tensor in place (CPU, fp32 or fp64), it
-    compares: at a few thousand decisions a torch op costs several times as much."""
-    if decisions.device.type == 'cpu' and decisions.dtype in (torch.float32, torch.float64):
-        return decisions.detach().numpy() > 0.5
-    return (decisions > 0.5).cpu().numpy()
+def _host_masks(*decisions: Optional[torch.Tensor]) -> List[Optional[np.ndarray]]:
+    """``t > 0.5`` of each decision tensor (or None) as a NumPy bool array.
+
+    On a CPU, NumPy compares fp32 and fp64 tensors in place: at a few hundred decisions a torch op costs several times
+    as much. Otherwise one device-to-host copy serves them all (one sync per block on a GPU).
+    """
+    present = [t for t in decisions if t is not None]
+    if all(t.device.type == 'cpu' and t.dtype in (torch.float32, torch.float64) for t in present):
+        masks = iter(t.detach().numpy() > 0.5 for t in present)
+    else:
+        flat = torch.cat([t.reshape(-1) for t in present]).gt(0.5).cpu().numpy()
+        parts = np.split(flat, np.cumsum([t.numel() for t in present])[:-1])
+        masks = iter(part.reshape(t.shape) for part, t in zip(parts, present))
+    return [None if t is None else next(masks) for t in decisions]
 
 
 def _plan_batch(
@@ -621,8 +629,7 @@ def _plan_batch(
 ) -> Tuple[Optional[Packing], Optional[Packing]]:
     """The MSA and FFN packings of a batch (``_plan_single_image``'s arguments, for B images)."""
     device = next((t.device for t in (patch_keep, head_keep, block_keep) if t is not None), None)
-    # One host copy of each decision tensor, then NumPy (``pack_tokens``).
-    tokens, heads, runs = (None if t is None else _host_mask(t) for t in (patch_keep, head_keep, block_keep))
+    tokens, heads, runs = _host_masks(patch_keep, head_keep, block_keep)  # then NumPy (``pack_tokens``)
     if tokens is not None and tokens.all():
         tokens = None
     run_msa = run_ffn = None

@@ -156,7 +156,7 @@ class AdaViT(VisionTransformer):
         self.eval_rule = eval_rule
         self.train_decisions = train_decisions
         self._generator: Optional[torch.Generator] = None
-        self._random_keep_row: Optional[Tuple[tuple, torch.Tensor]] = None  # (key, keep probabilities of one block)
+        self._random_keep_row: Optional[Tuple[tuple, torch.Tensor]] = None  # (key, keep probabilities of a draw)
 
         depth = len(self.blocks)
         num_patches = self.patch_embed.num_patches
@@ -208,10 +208,14 @@ class AdaViT(VisionTransformer):
         return threshold_decisions(logits, threshold)
 
     def block_decisions(self, index: int, x: torch.Tensor, x_normed: torch.Tensor) -> BlockDecisions:
-        """The decisions of block ``index`` for its input ``x`` (B, N, D) and ``x_normed = norm1(x)``."""
+        """The decisions of block ``index`` for its input ``x`` (B, N, D) and ``x_normed = norm1(x)``.
+
+        The random policy in eval draws for all blocks at once (``forward`` does, once per call): here each call draws
+        anew for every block and returns block ``index``'s.
+        """
         blk = self.blocks[index]
         if self.policy == 'random' and not self.training:
-            return self._random_block_decisions(blk, x)
+            return self._random_decisions(x)[index]
         cls_token = x[:, 0]  # (B, D), raw: the head and block gates read it before any norm
         need_logits = self.policy == 'learned' or self.training
         patch = head = block = None
@@ -228,25 +232,31 @@ class AdaViT(VisionTransformer):
             block = self._decide(logits, self.block_threshold, self.random_keep[2])
         return BlockDecisions(patch, head, block)
 
-    def _random_block_decisions(self, blk: nn.Module, x: torch.Tensor) -> BlockDecisions:
-        """The random policy's eval decisions for one block, from a single draw (per gate, the ops of ``_decide`` would
-        cost about 1% of a DeiT-S forward at batch 1). A unit is kept when its uniform draw in [0, 1) falls below its
-        keep probability, so the prefix tokens, at probability 1, always are."""
+    def _random_decisions(self, x: torch.Tensor) -> List[BlockDecisions]:
+        """The random policy's eval decisions for every block, from a single draw (per block, the draw and its casts
+        would cost about 2% of a DeiT-S forward at batch 1). A unit is kept when its uniform draw in [0, 1) falls below
+        its keep probability, so the prefix tokens, at probability 1, always are. Block by block, each (B, units) row-major:
+        the same numbers, in the same order, as one draw per block."""
         if self._generator is None:
             self.reset_random_policy()
         B, N = x.shape[:2]
-        widths = (N if blk.patch_gate is not None else 0,
-                  blk.attn.num_heads if blk.head_gate is not None else 0,
-                  2 if blk.block_gate is not None else 0)
-        key = (widths, self.random_keep, self.num_prefix_tokens)
+        widths = [(N if blk.patch_gate is not None else 0, blk.attn.num_heads if blk.head_gate is not None else 0,
+                   2 if blk.block_gate is not None else 0) for blk in self.blocks]
+        key = (B, tuple(widths), self.random_keep, self.num_prefix_tokens)
         if self._random_keep_row is None or self._random_keep_row[0] != key:
-            prefix = min(self.num_prefix_tokens, widths[0])
-            row = [1.0] * prefix + [self.random_keep[0]] * (widths[0] - prefix)
-            row += [self.random_keep[1]] * widths[1] + [self.random_keep[2]] * widths[2]
-            self._random_keep_row = (key, torch.tensor(row))
-        draw = torch.rand(B, sum(widths), generator=self._generator) < self._random_keep_row[1]  # (B, N + H + 2)
-        parts = draw.to(device=x.device, dtype=x.dtype).split(widths, dim=1)
-        return BlockDecisions(*(part if width else None for part, width in zip(parts, widths)))
+            probs = []
+            for patch, head, block in widths:
+                prefix = min(self.num_prefix_tokens, patch)
+                row = [1.0] * prefix + [self.random_keep[0]] * (patch - prefix)
+                probs += (row + [self.random_keep[1]] * head + [self.random_keep[2]] * block) * B
+            self._random_keep_row = (key, torch.tensor(probs))
+        probs = self._random_keep_row[1]
+        draw = (torch.rand(probs.numel(), generator=self._generator) < probs).to(device=x.device, dtype=x.dtype)
+        decisions = []
+        for part, block_widths in zip(draw.split([B * sum(w) for w in widths]), widths):
+            parts = part.view(B, sum(block_widths)).split(block_widths, dim=1)  # (B, N), (B, H), (B, 2)
+            decisions.append(BlockDecisions(*(p if w else None for p, w in zip(parts, block_widths))))
+        return decisions
 
     # ----------------------------------------------------------------------------------------------------------------
     # Forward
@@ -293,12 +303,17 @@ class AdaViT(VisionTransformer):
         if sparse:
             from ..execution.sparse import sparse_block_forward  # noqa: the sparse executor is eval-only
         taken: List[BlockDecisions] = []
+        # The random policy decides for every block at once (its draws do not depend on the tokens).
+        drawn = self._random_decisions(x) if decisions is None and self.policy == 'random' and not self.training \
+            else None
         for i, blk in enumerate(self.blocks):
             x_normed = blk.norm1(x)
-            if decisions is None:
-                bd = self.block_decisions(i, x, x_normed)
-            else:
+            if decisions is not None:
                 bd = BlockDecisions(decisions.patch[:, i], decisions.head[:, i], decisions.block[:, i])
+            elif drawn is not None:
+                bd = drawn[i]
+            else:
+                bd = self.block_decisions(i, x, x_normed)
             if sparse:
                 x = sparse_block_forward(blk, x, x_normed, bd.patch, bd.head, bd.block, self.head_mode)
             else:
