@@ -422,8 +422,8 @@ def _attend(qkv: torch.Tensor, groups: List[Tuple[int, int, List[int]]]) -> torc
     """Attention of each image over its own tokens, head by head, for every head group of a sub-block in one pass.
 
     Args:
-        qkv: (R + 3, dh) rows: head group g's q, k, v as (T_g, h_g, 3, dh) from row ``start_g``, then three rows of
-            zeros that padded attention slots read.
+        qkv: (R + 3, dh) rows: head group g's q, k, v as (T_g, h_g, 3, dh) from row ``start_g``, then three spare
+            rows, which this zeroes where padded attention slots read them.
         groups: (start_g, h_g, counts_g) per head group; ``counts_g`` are the tokens of its images, in packed order,
             which ``pack_tokens`` makes ascending within a group.
 
@@ -484,6 +484,7 @@ def _attend(qkv: torch.Tensor, groups: List[Tuple[int, int, List[int]]]) -> torc
     dev = qkv.device
     rows_t, slot_of_row_t = (torch.from_numpy(a).to(dev) for a in (rows, slot_of_row[:-1]))
     bias_t = torch.from_numpy(bias).to(dev, qkv.dtype)
+    qkv[-3:].zero_()  # what padded slots read (the equal-count path above reads none)
     padded_qkv = qkv.view(-1, 3 * dh).index_select(0, rows_t)  # (P, 3 * dh)
     out = qkv.new_empty(len(rows), dh)  # (P, dh)
     for slot, num, length, has_padding in plan:
@@ -525,8 +526,7 @@ def _msa(
         w_qkv, b_qkv = _head_major_qkv(attn.qkv, H, parts=3)  # rows [q_h; k_h; v_h] per head
         kept = [sum(b - a for a, b in runs) for _, runs in groups]  # heads per group
         rows = [(g.end - g.start) * h for (g, _), h in zip(groups, kept)]  # (token, head) rows per group
-        qkv = tokens.new_empty(3 * sum(rows) + 3, dh, dtype=dtype)  # + 3 zero rows for padded slots
-        qkv[-3:].zero_()
+        qkv = tokens.new_empty(3 * sum(rows) + 3, dh, dtype=dtype)  # + 3 rows for padded slots (_attend zeroes them)
         layout, start = [], 0
         for (g, runs), h, n in zip(groups, kept, rows):
             if n:
@@ -549,7 +549,6 @@ def _msa(
         for a, b in runs:
             rows = slice(a * 2 * dh, b * 2 * dh)
             qkv = x_g.new_empty(T_g * (b - a) * 3 + 3, dh, dtype=o.dtype)  # _attend's layout, one group
-            qkv[-3:].zero_()
             q_k_v = qkv[:-3].view(T_g, b - a, 3, dh)
             q_k_v[:, :, :2] = F.linear(x_g, w_qk[rows], b_qk[rows] if b_qk is not None else None).view(T_g, b - a, 2, dh)
             q_k_v[:, :, 2] = o[:, a * dh:b * dh].view(T_g, b - a, dh)
