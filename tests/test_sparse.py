@@ -52,7 +52,7 @@ def _both(model: AdaViT, x: torch.Tensor, decisions=None):
 
 @pytest.mark.parametrize('head_mode', ['full', 'partial'])
 def test_sparse_matches_masked_with_layer_scale(head_mode):
-    """With layer scale, proj and fc2 cannot add into the residual rows themselves: the outputs are scaled, then added."""
+    """With layer scale, proj and fc2 cannot add into the residual rows themselves: outputs are scaled, then added."""
     model = AdaViT(init_values=0.5, head_mode=head_mode, **TINY).eval()
     with torch.no_grad():
         for blk in model.blocks:

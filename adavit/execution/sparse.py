@@ -367,7 +367,8 @@ def _qkv_into(
         offset = 0
         for a, b in runs:
             lo, hi = a * per_head, b * per_head
-            _linear_into(rows[:, offset:offset + hi - lo], x, weight[lo:hi].t(), bias[lo:hi] if bias is not None else None)
+            _linear_into(rows[:, offset:offset + hi - lo], x, weight[lo:hi].t(),
+                         bias[lo:hi] if bias is not None else None)
             offset += hi - lo
     return out.view(T, kept, 3, head_dim)
 
@@ -550,7 +551,8 @@ def _msa(
             rows = slice(a * 2 * dh, b * 2 * dh)
             qkv = x_g.new_empty(T_g * (b - a) * 3 + 3, dh, dtype=o.dtype)  # _attend's layout, one group
             q_k_v = qkv[:-3].view(T_g, b - a, 3, dh)
-            q_k_v[:, :, :2] = F.linear(x_g, w_qk[rows], b_qk[rows] if b_qk is not None else None).view(T_g, b - a, 2, dh)
+            qk = F.linear(x_g, w_qk[rows], b_qk[rows] if b_qk is not None else None)  # (T_g, (b - a) * 2 * dh)
+            q_k_v[:, :, :2] = qk.view(T_g, b - a, 2, dh)
             q_k_v[:, :, 2] = o[:, a * dh:b * dh].view(T_g, b - a, dh)
             _normalize_qk(attn, q_k_v)
             o[:, a * dh:b * dh] = _attend(qkv, [(0, b - a, g.counts)]).view(T_g, (b - a) * dh)
@@ -594,7 +596,8 @@ def _copy_rows(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> Non
     """``x[rows] = values`` for (R, D) ``x`` and (T, D) ``values``, in place.
 
     ``index_copy_`` moves one element at a time: reinterpreted as 16-byte elements (the bits are copied, not converted),
-    a row of 96 float32 takes 24 moves instead of 96, and the copy is twice as fast (2 CPU threads, 11,000 of 12,800 rows).
+    a row of 96 float32 takes 24 moves instead of 96, and the copy is twice as fast (2 CPU threads, 11,000 of 12,800
+    rows).
     """
     if all(t.is_contiguous() and (t.storage_offset() * t.element_size()) % 16 == 0 for t in (x, values)) \
             and (x.shape[1] * x.element_size()) % 16 == 0:

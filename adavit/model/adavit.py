@@ -156,7 +156,7 @@ class AdaViT(VisionTransformer):
         self.eval_rule = eval_rule
         self.train_decisions = train_decisions
         self._generator: Optional[torch.Generator] = None
-        self._random_keep_row: Optional[Tuple[tuple, torch.Tensor]] = None  # (key, keep probabilities of a draw)
+        self._random_keep_probs: Optional[Tuple[tuple, torch.Tensor]] = None  # (key, keep probability per draw)
 
         depth = len(self.blocks)
         num_patches = self.patch_embed.num_patches
@@ -233,24 +233,24 @@ class AdaViT(VisionTransformer):
         return BlockDecisions(patch, head, block)
 
     def _random_decisions(self, x: torch.Tensor) -> List[BlockDecisions]:
-        """The random policy's eval decisions for every block, from a single draw (per block, the draw and its casts
-        would cost about 2% of a DeiT-S forward at batch 1). A unit is kept when its uniform draw in [0, 1) falls below
-        its keep probability, so the prefix tokens, at probability 1, always are. Block by block, each (B, units) row-major:
-        the same numbers, in the same order, as one draw per block."""
+        """The random policy's eval decisions for every block, from a single draw (a draw per block, with its casts,
+        costs about 4% of a DeiT-S forward at batch 1). A unit is kept when its uniform draw in [0, 1) falls below its
+        keep probability, so the prefix tokens, at probability 1, always are. The draw is laid out block by block, each
+        block's (B, units) row-major: the same numbers, in the same order, as one draw per block."""
         if self._generator is None:
             self.reset_random_policy()
         B, N = x.shape[:2]
         widths = [(N if blk.patch_gate is not None else 0, blk.attn.num_heads if blk.head_gate is not None else 0,
                    2 if blk.block_gate is not None else 0) for blk in self.blocks]
         key = (B, tuple(widths), self.random_keep, self.num_prefix_tokens)
-        if self._random_keep_row is None or self._random_keep_row[0] != key:
-            probs = []
-            for patch, head, block in widths:
+        if self._random_keep_probs is None or self._random_keep_probs[0] != key:
+            rows = []
+            for patch, head, block in widths:  # one block's keep probabilities, then repeated for each image
                 prefix = min(self.num_prefix_tokens, patch)
                 row = [1.0] * prefix + [self.random_keep[0]] * (patch - prefix)
-                probs += (row + [self.random_keep[1]] * head + [self.random_keep[2]] * block) * B
-            self._random_keep_row = (key, torch.tensor(probs))
-        probs = self._random_keep_row[1]
+                rows.append(torch.tensor(row + [self.random_keep[1]] * head + [self.random_keep[2]] * block))
+            self._random_keep_probs = (key, torch.cat([row.repeat(B) for row in rows]))
+        probs = self._random_keep_probs[1]
         draw = (torch.rand(probs.numel(), generator=self._generator) < probs).to(device=x.device, dtype=x.dtype)
         decisions = []
         for part, block_widths in zip(draw.split([B * sum(w) for w in widths]), widths):
