@@ -156,7 +156,7 @@ class AdaViT(VisionTransformer):
         self.eval_rule = eval_rule
         self.train_decisions = train_decisions
         self._generator: Optional[torch.Generator] = None
-        self._random_keep_probs: Optional[Tuple[tuple, torch.Tensor]] = None  # (key, keep probability per draw)
+        self._random_keep_probs: Optional[tuple] = None  # (key, keep probability of each drawn unit, widths)
 
         depth = len(self.blocks)
         num_patches = self.patch_embed.num_patches
@@ -240,23 +240,25 @@ class AdaViT(VisionTransformer):
         if self._generator is None:
             self.reset_random_policy()
         B, N = x.shape[:2]
-        widths = [(N if blk.patch_gate is not None else 0, blk.attn.num_heads if blk.head_gate is not None else 0,
-                   2 if blk.block_gate is not None else 0) for blk in self.blocks]
-        key = (B, tuple(widths), self.random_keep, self.num_prefix_tokens)
+        key = (B, N, self.random_keep, self.num_prefix_tokens)  # and the gates each block has, fixed at construction
         if self._random_keep_probs is None or self._random_keep_probs[0] != key:
+            widths = [(N if blk.patch_gate is not None else 0, blk.attn.num_heads if blk.head_gate is not None else 0,
+                       2 if blk.block_gate is not None else 0) for blk in self.blocks]
             rows = []
             for patch, head, block in widths:  # one block's keep probabilities, then repeated for each image
                 prefix = min(self.num_prefix_tokens, patch)
                 row = [1.0] * prefix + [self.random_keep[0]] * (patch - prefix)
                 rows.append(torch.tensor(row + [self.random_keep[1]] * head + [self.random_keep[2]] * block))
-            self._random_keep_probs = (key, torch.cat([row.repeat(B) for row in rows]))
-        probs = self._random_keep_probs[1]
+            self._random_keep_probs = (key, torch.cat([row.repeat(B) for row in rows]), widths)
+        _, probs, widths = self._random_keep_probs
         draw = (torch.rand(probs.numel(), generator=self._generator) < probs).to(device=x.device, dtype=x.dtype)
-        decisions = []
-        for part, block_widths in zip(draw.split([B * sum(w) for w in widths]), widths):
-            parts = part.view(B, sum(block_widths)).split(block_widths, dim=1)  # (B, N), (B, H), (B, 2)
-            decisions.append(BlockDecisions(*(p if w else None for p, w in zip(parts, block_widths))))
-        return decisions
+        if B == 1:  # every block's (1, N), (1, H), (1, 2) follow each other: one split
+            parts = draw.view(1, -1).split([w for block_widths in widths for w in block_widths], dim=1)
+        else:
+            parts = [p for chunk, block_widths in zip(draw.split([B * sum(w) for w in widths]), widths)
+                     for p in chunk.view(B, sum(block_widths)).split(block_widths, dim=1)]  # (B, N), (B, H), (B, 2)
+        return [BlockDecisions(*(p if w else None for p, w in zip(parts[3 * i:3 * i + 3], block_widths)))
+                for i, block_widths in enumerate(widths)]
 
     # ----------------------------------------------------------------------------------------------------------------
     # Forward
