@@ -202,7 +202,6 @@ def test_random_policy_draws_only_the_gates_a_block_has() -> None:
     assert d.block[:, 1:].mean().item() == pytest.approx(keep[2], abs=0.05)
 
 
-
 @pytest.mark.parametrize('batch', [1, 5])
 def test_random_policy_draws_as_one_draw_per_block(batch) -> None:
     """All blocks come from one draw, which consumes the generator exactly as a (B, units) draw per block would: the

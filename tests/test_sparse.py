@@ -232,7 +232,6 @@ def test_pack_tokens_groups_by_head_pattern():
     assert head_runs(0b1101, 4) == [(0, 1), (2, 4)] and head_runs(0, 4) == [] and head_runs(0b1111, 4) == [(0, 4)]
 
 
-
 @pytest.mark.parametrize('seed', range(4))
 def test_pack_tokens_matches_a_plain_loop_on_random_masks(seed):
     """Rows and groups against the definition: images that run, by (head pattern, kept count), each with its kept tokens
@@ -255,7 +254,6 @@ def test_host_masks_threshold_at_one_half(dtype):
     assert tokens.tolist() == [[False, True, False], [True, False, True]] and heads is None
     assert blocks.tolist() == [[True, False]]
     assert sparse._host_masks(None, None) == [None, None]
-
 
 
 def test_sparse_under_inference_mode_and_its_weight_copies_after_it():
