@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cost.benchmark import cpu_name
 from .errors import CheckpointError, ConfigError
 from .gates.budget import random_patch_keep_for_cost
 from .training.evaluation import gated_keep_rates
@@ -456,7 +457,7 @@ class Demo:
             'commands': {'demo': s.command, 'fine-tune': ' '.join(train_cmd) + ' --overwrite', 'evaluate': eval_cmd},
             'machine': {'torch': torch.__version__, 'timm': timm.__version__, 'python': platform.python_version(),
                         'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
-                        'processor': platform.processor() or platform.machine(), 'platform': platform.platform(),
+                        'processor': cpu_name(), 'platform': platform.platform(),
                         'device': 'cpu'},
             'settings': {'epochs': s.epochs, 'max_steps': s.max_steps, 'subset': s.subset,
                          'test_images': int(stats.num_images), 'curve_images': int(self.curve_images),

@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import platform
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from adavit import AdaViT
 from adavit.cli.benchmark import validation_images
 from adavit.cli.main import main
-from adavit.cost.benchmark import format_rows, interleaved_medians, measure_speed, pin_allocator
+from adavit.cost.benchmark import cpu_name, format_rows, interleaved_medians, measure_speed, pin_allocator
 from adavit.cost.macs import decision_macs, dense_macs
 from adavit.training.checkpoint import load_model
 
@@ -78,7 +79,20 @@ def test_benchmark_cli_keep_all_costs_exactly_the_dense_model(tmp_path, capsys):
     assert result['keep'] == [1.0, 1.0, 1.0]
     assert row['mac_ratio'] == 1.0 and row['adaptive_gmacs'] == row['dense_gmacs']
     assert row['dense_gmacs'] == pytest.approx(1.2537, abs=1e-4)
-    assert 'efficiency' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert 'efficiency' in printed
+    # every figure names the processor it was measured on
+    assert result['machine']['cpu'] == cpu_name() and f'# machine: {cpu_name()}, ' in printed
+
+
+def test_cpu_name_reads_the_model_name_and_falls_back_to_platform(tmp_path):
+    cpuinfo = tmp_path / 'cpuinfo'
+    cpuinfo.write_text('processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n'
+                       'cache size\t: 512 KB\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n')
+    assert cpu_name(str(cpuinfo)) == 'AMD EPYC 7B13 64-Core Processor'
+    cpuinfo.write_text('processor\t: 0\nBogoMIPS\t: 50.00\n')  # no model name (some ARM kernels)
+    assert cpu_name(str(cpuinfo)) == (platform.processor() or platform.machine())
+    assert cpu_name(str(tmp_path / 'missing')) == (platform.processor() or platform.machine())
 
 
 def test_benchmark_cli_rejects_unknown_model(capsys):

@@ -2,13 +2,12 @@
 import argparse
 import json
 import os
-import platform
 from typing import List, Optional
 
 import timm
 import torch
 
-from ..cost.benchmark import batches_per_round, format_rows, measure_speed, rows_as_dicts
+from ..cost.benchmark import batches_per_round, cpu_name, format_rows, measure_speed, rows_as_dicts
 from ..errors import ConfigError
 from ..model.adavit import AdaViT
 
@@ -83,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     needed = max(b * batches_per_round(b, args.images_per_round) for b in args.batch_sizes)  # the largest round
     images = validation_images(model, args, needed)
     print(f'# inputs: {f"{len(images)} validation images" if images is not None else "Gaussian noise"}', flush=True)
+    device = torch.cuda.get_device_name() if args.device.startswith('cuda') else f'{cpu_name()}, {os.cpu_count()} cores'
+    print(f'# machine: {device}, torch {torch.__version__}', flush=True)
     rows = measure_speed(model, args.batch_sizes, args.threads, args.device, args.dtype, args.warmup, args.repeats,
                          args.images_per_round, log=None, images=images)
     print(format_rows(rows))
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             'decisions': 'learned' if args.checkpoint else args.policy,
             'keep': None if args.checkpoint else list(model.random_keep),
             'inputs': 'validation images' if images is not None else 'gaussian noise',
-            'machine': {'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count(),
+            'machine': {'cpu': cpu_name(), 'cores': os.cpu_count(),
                         'torch': torch.__version__, 'cuda': torch.cuda.get_device_name() if args.device != 'cpu'
                         else None},
             'rows': rows_as_dicts(rows),
