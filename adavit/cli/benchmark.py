@@ -82,8 +82,10 @@ def run(args: argparse.Namespace) -> int:
     needed = max(b * batches_per_round(b, args.images_per_round) for b in args.batch_sizes)  # the largest round
     images = validation_images(model, args, needed)
     print(f'# inputs: {f"{len(images)} validation images" if images is not None else "Gaussian noise"}', flush=True)
-    device = torch.cuda.get_device_name() if args.device.startswith('cuda') else f'{cpu_name()}, {os.cpu_count()} cores'
-    print(f'# machine: {device}, torch {torch.__version__}', flush=True)
+    machine = {'cpu': cpu_name(), 'cores': os.cpu_count(), 'torch': torch.__version__,
+               'cuda': torch.cuda.get_device_name() if args.device.startswith('cuda') else None}
+    where = machine['cuda'] or f"{machine['cpu']}, {machine['cores']} cores"
+    print(f'# machine: {where}, torch {machine["torch"]}', flush=True)
     rows = measure_speed(model, args.batch_sizes, args.threads, args.device, args.dtype, args.warmup, args.repeats,
                          args.images_per_round, log=None, images=images)
     print(format_rows(rows))
@@ -94,9 +96,7 @@ def run(args: argparse.Namespace) -> int:
             'decisions': 'learned' if args.checkpoint else args.policy,
             'keep': None if args.checkpoint else list(model.random_keep),
             'inputs': 'validation images' if images is not None else 'gaussian noise',
-            'machine': {'cpu': cpu_name(), 'cores': os.cpu_count(),
-                        'torch': torch.__version__, 'cuda': torch.cuda.get_device_name() if args.device != 'cpu'
-                        else None},
+            'machine': machine,
             'rows': rows_as_dicts(rows),
         }
         tmp = args.json + '.tmp'
