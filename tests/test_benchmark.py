@@ -116,3 +116,28 @@ def test_benchmark_cli_times_a_checkpoint_on_its_own_validation_images(tmp_path,
         _, decisions = model(images, return_decisions=True)
     expected = decision_macs(model, decisions).mean().item() / 1e9
     assert result['rows'][0]['adaptive_gmacs'] == pytest.approx(expected, rel=1e-6)
+
+
+def test_ffn_chunks_benchmark_times_each_setting_and_restores_the_default(tmp_path):
+    """benchmarks/ffn_chunks.py: one row per chunk setting, the efficiency against the dense twin, and the executor's
+    own FFN_CHUNK_BYTES and executor back as they were."""
+    import importlib.util
+
+    from adavit.execution import sparse
+    spec = importlib.util.spec_from_file_location(
+        'ffn_chunks', os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'ffn_chunks.py'))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    default = dict(sparse.FFN_CHUNK_BYTES)
+    out = tmp_path / 'chunks.json'
+    result = script.main(['--model', 'adavit_deit_tiny_patch16_224', '--batch-size', '2', '--inputs', '2',
+                          '--repeats', '1', '--warmup', '0', '--chunk-mib', '0,0.25', '--with-masked',
+                          '--json', str(out)])
+    assert sparse.FFN_CHUNK_BYTES == default
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert [r['setting'] for r in result['rows']] == ['one pass', '0.25 MiB']
+    assert result['rows'][0]['speed_vs_one_pass'] == 1.0
+    assert 1.5 < result['mac_ratio'] < 2.5  # keep 0.7/0.7/0.9 costs about half
+    for r in result['rows']:
+        assert r['efficiency'] == pytest.approx(result['dense_ms'] / r['ms'] / result['mac_ratio'])
+        assert r['images_per_s'] == pytest.approx(2 / (r['ms'] / 1e3))

@@ -118,6 +118,24 @@ def test_sparse_matches_masked_when_kept_heads_are_gathered(monkeypatch, gather_
         assert torch.allclose(masked, out, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize('chunk_rows', [1, 7, 100])
+@pytest.mark.parametrize('head_mode', ['full', 'partial'])
+def test_sparse_matches_masked_when_the_ffn_runs_in_row_chunks(monkeypatch, chunk_rows, head_mode):
+    """Chunks that split head groups (and images) anywhere give the masked reference's logits, with the MLP's fc2
+    added into the residual rows and, with layer scale, returned and added afterwards."""
+    monkeypatch.setitem(sparse.FFN_CHUNK_BYTES, 'cpu', chunk_rows * 4 * TINY['embed_dim'] * 4)  # fp32, mlp_ratio 4
+    for init_values in (None, 0.5):
+        model = AdaViT(init_values=init_values, head_mode=head_mode, **TINY).eval()
+        calls = []  # fc2 runs as a module where layer scale keeps it from adding into the residual: once per chunk
+        model.blocks[0].mlp.fc2.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+        decisions = _random_decisions(9, seed=chunk_rows, edge='mixed')
+        (masked, _), (out, _) = _both(model, torch.randn(9, 3, 32, 32), decisions)
+        assert torch.allclose(masked, out, atol=1e-4, rtol=0)
+        if init_values is not None:
+            rows = int((decisions.patch[:, 0] * decisions.block[:, 0, 1:]).sum())  # the FFN rows of block 0
+            assert calls[1:] == [chunk_rows] * (rows // chunk_rows) + ([rows % chunk_rows] if rows % chunk_rows else [])
+
+
 @pytest.mark.parametrize('math_up_to,chunk', [(0, 1 << 24), (64, 1 << 24), (64, 1 << 13)])
 @pytest.mark.parametrize('split_macs', [0.0, 1.5e6, float('inf')])
 def test_sparse_matches_masked_for_any_attention_bucketing(monkeypatch, split_macs, math_up_to, chunk):

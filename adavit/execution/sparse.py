@@ -9,7 +9,9 @@ Per block, for each sub-block (MSA, FFN):
   cached) weights with a matmul of its own; only many ranges are gathered into one matrix (``GATHER_FROM_RUNS``);
 * attention runs per image and kept head over the image's kept tokens only, for all head groups in one pass: the
   (image, head) problems, sorted by token count, run in buckets padded to the bucket's longest image and masked
-  (``attention_buckets``: the only wasted work, and only in the small T x T products).
+  (``attention_buckets``: the only wasted work, and only in the small T x T products);
+* on CPU the FFN runs its rows a chunk at a time (``FFN_CHUNK_BYTES``), so that fc1's output is still in cache when
+  the activation and fc2 read it.
 
 The output equals the masked reference (``masked.py``) up to float rounding: a dropped token's MSA and FFN outputs are
 multiplied by 0 there, so it passes through unchanged, and a kept query only ever sees kept keys.
@@ -560,6 +562,14 @@ def _msa(
     return out
 
 
+# On CPU the FFN runs its packed rows in chunks of about this many bytes of hidden activations, fc1, activation and fc2
+# in turn, so that a chunk's hidden units are still in cache when the activation and fc2 read them. Over 8,000 rows of
+# a DeiT-S FFN (49 MB of hidden units), chunks of 1,024-2,048 rows make the FFN alone 20-25% faster, and the whole
+# batch-64 forward 3-9% where the sparse model runs alone (2 threads, Intel Xeon; ``benchmarks/ffn_chunks.py``). At
+# 512 rows and fewer, fc2's weight, reread per chunk, costs more than the cache saves. GPUs run the FFN in one pass.
+FFN_CHUNK_BYTES = {'cpu': 6 << 20}
+
+
 def _ffn(
         block: Block,
         x_ffn: torch.Tensor,
@@ -570,26 +580,45 @@ def _ffn(
     """FFN outputs (before ``ls2``) of packed, not yet normed rows (T, D); fc1 reads only kept heads' channels. Added to
     ``into`` and ``into`` returned, where given and the MLP has no norm or dropout between fc1 and fc2."""
     mlp = block.mlp
-    h2 = block.norm2(x_ffn)  # (T, D)
-    hidden = h2.new_empty(packing.num_rows, mlp.fc1.out_features, dtype=_compute_dtype(h2))  # (T, R)
+    T = packing.num_rows
+    dtype = _compute_dtype(x_ffn)
+    fused_fc2 = into is not None and all(isinstance(m, (torch.nn.Identity, torch.nn.Dropout))
+                                         for m in (mlp.drop1, mlp.norm, mlp.drop2))  # eval: dropout does nothing
+    out = into if fused_fc2 else None
+    hidden_row_bytes = mlp.fc1.out_features * dtype.itemsize
+    chunk = max(1, FFN_CHUNK_BYTES.get(x_ffn.device.type, T * hidden_row_bytes) // hidden_row_bytes)  # rows
+    hidden_buffer = x_ffn.new_empty(min(chunk, T), mlp.fc1.out_features, dtype=dtype)  # (C, R), reused per chunk
     fc1_t = _transposed(mlp.fc1)  # (D, R)
-    for g in packing.groups:
-        h_g, hidden_g = h2[g.start:g.end], hidden[g.start:g.end]
-        if g.head_runs is None:
-            _linear_into(hidden_g, h_g, fc1_t, mlp.fc1.bias)
+    for start in range(0, T, chunk):
+        end = min(start + chunk, T)
+        h2 = block.norm2(x_ffn[start:end])  # (C, D)
+        hidden = hidden_buffer[:end - start]
+        for g in packing.groups:  # each head group's rows in this chunk: fc1 on its kept heads' channels
+            if g.end <= start:
+                continue
+            if g.start >= end:
+                break
+            a, b = max(g.start, start), min(g.end, end)
+            h_g, hidden_g = h2[a - start:b - start], hidden[a - start:b - start]
+            if g.head_runs is None:
+                _linear_into(hidden_g, h_g, fc1_t, mlp.fc1.bias)
+            else:
+                _kept_heads_matmul_into(hidden_g, h_g, fc1_t, mlp.fc1.bias, g.head_runs, head_dim,
+                                        x_is_full_width=True)
+        # The hidden buffer is ours, so GELU runs in place: no second (C, R) buffer (timm's Mlp, with one, is 12%
+        # slower on an FFN of 12,800 x 96 -> 384). Any other activation runs as the module defines it.
+        if type(mlp.act) is torch.nn.GELU:
+            hidden = torch.ops.aten.gelu_(hidden, approximate=mlp.act.approximate)
         else:
-            _kept_heads_matmul_into(hidden_g, h_g, fc1_t, mlp.fc1.bias, g.head_runs, head_dim, x_is_full_width=True)
-    # The hidden buffer is ours, so GELU runs in place: no second (T, R) buffer (timm's Mlp, with one, is 12% slower on
-    # an FFN of 12,800 x 96 -> 384). Any other activation runs as the module defines it.
-    if type(mlp.act) is torch.nn.GELU:
-        hidden = torch.ops.aten.gelu_(hidden, approximate=mlp.act.approximate)
-    else:
-        hidden = mlp.act(hidden)
-    if into is not None and all(isinstance(m, (torch.nn.Identity, torch.nn.Dropout))
-                                for m in (mlp.drop1, mlp.norm, mlp.drop2)):  # eval: dropout does nothing
-        _linear_into(into, hidden, mlp.fc2.weight.t(), mlp.fc2.bias, accumulate=True)
-        return into
-    return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(hidden))))
+            hidden = mlp.act(hidden)
+        if fused_fc2:
+            _linear_into(into[start:end], hidden, mlp.fc2.weight.t(), mlp.fc2.bias, accumulate=True)
+            continue
+        y = mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(hidden))))  # (C, D)
+        if out is None:
+            out = y.new_empty(T, y.shape[1])
+        out[start:end] = y
+    return out
 
 
 def _copy_rows(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
