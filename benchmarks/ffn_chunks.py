@@ -51,7 +51,8 @@ def main(argv: List[str]) -> Dict[str, object]:
     dense = model.dense_twin().eval()
     generator = torch.Generator().manual_seed(0)
     height, width = model.patch_embed.img_size
-    inputs = [torch.randn(args.batch_size, 3, height, width, generator=generator) for _ in range(args.inputs)]
+    channels = model.patch_embed.proj.in_channels
+    inputs = [torch.randn(args.batch_size, channels, height, width, generator=generator) for _ in range(args.inputs)]
     with torch.inference_mode():
         adaptive = []
         for i, x in enumerate(inputs):
@@ -70,13 +71,14 @@ def main(argv: List[str]) -> Dict[str, object]:
 
     def sparse_with_chunks(mib: float) -> Callable[[torch.Tensor], torch.Tensor]:
         def run(x: torch.Tensor) -> torch.Tensor:
-            default = sparse.FFN_CHUNK_BYTES.get('cpu')
+            default = dict(sparse.FFN_CHUNK_BYTES)
             sparse.FFN_CHUNK_BYTES['cpu'] = int(mib * 2 ** 20) if mib > 0 else 1 << 62
             try:
                 with use_executor(model, 'sparse'):
                     return model(x)
             finally:
-                sparse.FFN_CHUNK_BYTES['cpu'] = default
+                sparse.FFN_CHUNK_BYTES.clear()
+                sparse.FFN_CHUNK_BYTES.update(default)
         return run
 
     settings = [float(m) for m in args.chunk_mib.split(',')]
