@@ -12,16 +12,32 @@ import argparse
 import json
 import os
 import sys
-import time
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import timm
 import torch
 
 import adavit  # noqa: F401 (registers the AdaViT models)
-from adavit.cost.benchmark import cpu_name, interleaved_medians, pin_allocator, use_executor
+from adavit.cost.benchmark import ExecutorView, cpu_name, interleaved_medians, pin_allocator, timer
 from adavit.cost.macs import decision_macs, dense_macs
 from adavit.execution import sparse
+
+
+class _ChunkedSparse(ExecutorView):
+    """The sparse executor with ``FFN_CHUNK_BYTES['cpu']`` set to ``mib`` MiB (0: one pass) while it runs."""
+
+    def __init__(self, model: torch.nn.Module, mib: float) -> None:
+        super().__init__(model, 'sparse')
+        self.chunk_bytes = int(mib * 2 ** 20) if mib > 0 else 1 << 62
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        default = dict(sparse.FFN_CHUNK_BYTES)
+        sparse.FFN_CHUNK_BYTES['cpu'] = self.chunk_bytes
+        try:
+            return super().__call__(x)
+        finally:
+            sparse.FFN_CHUNK_BYTES.clear()
+            sparse.FFN_CHUNK_BYTES.update(default)
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
@@ -60,35 +76,12 @@ def main(argv: List[str]) -> Dict[str, object]:
             adaptive.append(decision_macs(model, model(x, return_decisions=True)[1]))
     mac_ratio = dense_macs(dense) / torch.cat(adaptive).mean().item()
 
-    def timed(run: Callable[[torch.Tensor], torch.Tensor], reseed: bool) -> Callable[[int], float]:
-        def call(i: int) -> float:
-            if reseed:
-                model.reset_random_policy(i)
-            start = time.perf_counter()
-            run(inputs[i])
-            return time.perf_counter() - start
-        return call
-
-    def sparse_with_chunks(mib: float) -> Callable[[torch.Tensor], torch.Tensor]:
-        def run(x: torch.Tensor) -> torch.Tensor:
-            default = dict(sparse.FFN_CHUNK_BYTES)
-            sparse.FFN_CHUNK_BYTES['cpu'] = int(mib * 2 ** 20) if mib > 0 else 1 << 62
-            try:
-                with use_executor(model, 'sparse'):
-                    return model(x)
-            finally:
-                sparse.FFN_CHUNK_BYTES.clear()
-                sparse.FFN_CHUNK_BYTES.update(default)
-        return run
-
-    settings = [float(m) for m in args.chunk_mib.split(',')]
-    runs = {'dense': timed(dense, False)}
-    runs.update({f'{m:g} MiB' if m > 0 else 'one pass': timed(sparse_with_chunks(m), True) for m in settings})
+    cpu = torch.device('cpu')
+    runs = {'dense': timer(dense, inputs, False, cpu)}
+    for mib in (float(m) for m in args.chunk_mib.split(',')):
+        runs[f'{mib:g} MiB' if mib > 0 else 'one pass'] = timer(_ChunkedSparse(model, mib), inputs, True, cpu)
     if args.with_masked:
-        def masked(x: torch.Tensor) -> torch.Tensor:
-            with use_executor(model, 'masked'):
-                return model(x)
-        runs['masked'] = timed(masked, True)
+        runs['masked'] = timer(ExecutorView(model, 'masked'), inputs, True, cpu)
     with torch.inference_mode():
         medians = interleaved_medians(runs, len(inputs), args.warmup, args.repeats)
     baseline = medians.get('one pass')

@@ -101,8 +101,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timer(model: nn.Module, inputs: List[torch.Tensor], reseed: bool, device: torch.device) -> Callable[[int], float]:
-    """A closure that runs ``model`` on input ``i`` and returns the seconds it took."""
+def timer(model: nn.Module, inputs: List[torch.Tensor], reseed: bool, device: torch.device) -> Callable[[int], float]:
+    """A closure that runs ``model`` on input ``i`` and returns the seconds it took: a contender for
+    ``interleaved_medians``. With ``reseed``, ``model.reset_random_policy(i)`` first, so input ``i`` always gets the
+    same decisions."""
     def run(i: int) -> float:
         if reseed:
             model.reset_random_policy(i)
@@ -216,11 +218,11 @@ def measure_speed(
             adaptive.append(decision_macs(model, decisions))
         adaptive_macs = torch.cat(adaptive).mean().item()
         runs: Dict[str, Callable[[int], float]] = {
-            path: _timer(_AttentionPathView(dense, fused), inputs, False, dev)
+            path: timer(_AttentionPathView(dense, fused), inputs, False, dev)
             for path, fused in (('fused', True), ('matmul', False))}
         for executor in ('sparse', 'masked'):
-            twin = _ExecutorView(model, executor)
-            runs[executor] = _timer(twin, inputs, reseed, dev)
+            twin = ExecutorView(model, executor)
+            runs[executor] = timer(twin, inputs, reseed, dev)
         with torch.inference_mode():  # as a deployment runs: no autograd bookkeeping on any op, for either model
             med = interleaved_medians(runs, count, warmup, repeats)
         dense_attention = min(('fused', 'matmul'), key=med.__getitem__)
@@ -255,7 +257,7 @@ class _AttentionPathView:
         return self.model(x)
 
 
-class _ExecutorView:
+class ExecutorView:
     """Calls ``model`` with a given executor, restoring the model's own afterwards."""
 
     def __init__(self, model: AdaViT, executor: str) -> None:
