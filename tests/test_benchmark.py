@@ -141,3 +141,29 @@ def test_ffn_chunks_benchmark_times_each_setting_and_restores_the_default(tmp_pa
     for r in result['rows']:
         assert r['efficiency'] == pytest.approx(result['dense_ms'] / r['ms'] / result['mac_ratio'])
         assert r['images_per_s'] == pytest.approx(2 / (r['ms'] / 1e3))
+
+
+def test_padded_attention_benchmark_times_each_backend_with_same_and_new_decisions(tmp_path):
+    """benchmarks/padded_attention.py: a row per (backend, decisions) on the accelerator plan, new decisions from seeds
+    never used before, and the executor's backends and device plans back as they were."""
+    import importlib.util
+
+    from adavit.execution import sparse, sparse_accelerator
+    spec = importlib.util.spec_from_file_location(
+        'padded_attention', os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'padded_attention.py'))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    backends, grouped = sparse_accelerator.PADDED_ATTENTION_BACKENDS, sparse.HEAD_GROUPED_DEVICES
+    first_fresh_seed = next(script._Contender._fresh_seeds)
+    out = tmp_path / 'attention.json'
+    result = script.main(['--model', 'adavit_deit_tiny_patch16_224', '--device', 'cpu', '--dtype', 'fp32',
+                          '--batch-size', '2', '--inputs', '2', '--repeats', '1', '--warmup', '0',
+                          '--backends', 'efficient,math', '--json', str(out)])
+    assert sparse_accelerator.PADDED_ATTENTION_BACKENDS is backends and sparse.HEAD_GROUPED_DEVICES is grouped
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert [(r['backend'], r['decisions']) for r in result['rows']] == [
+        ('efficient', 'same per input'), ('efficient', 'new every call'),
+        ('math', 'same per input'), ('math', 'new every call')]
+    assert all(r['ms'] > 0 and r['speedup'] > 0 for r in result['rows'])
+    # Two contenders with new decisions, one round of two inputs: four seeds drawn, none of them seen before.
+    assert next(script._Contender._fresh_seeds) == first_fresh_seed + 5

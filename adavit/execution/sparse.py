@@ -15,6 +15,9 @@ Per block, for each sub-block (MSA, FFN):
 
 The output equals the masked reference (``masked.py``) up to float rounding: a dropped token's MSA and FFN outputs are
 multiplied by 0 there, so it passes through unchanged, and a kept query only ever sees kept keys.
+
+This is the plan for CPUs. On other devices (GPUs), where a kernel launch costs the host more than a small matmul's
+work, ``sparse_accelerator.py``'s plan of a few launches per block runs instead (``HEAD_GROUPED_DEVICES``).
 """
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
@@ -641,12 +644,13 @@ def _copy_rows(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> Non
 def _host_masks(*decisions: Optional[torch.Tensor]) -> List[Optional[np.ndarray]]:
     """``t > 0.5`` of each decision tensor (or None) as a NumPy bool array.
 
-    On a CPU, NumPy compares fp32 and fp64 tensors in place: at a few hundred decisions a torch op costs several times
-    as much. Otherwise one device-to-host copy serves them all (one sync per block on a GPU).
+    On a CPU, NumPy compares fp32 and fp64 tensors in place (and takes bool ones as they are): at a few hundred
+    decisions a torch op costs several times as much. Otherwise one device-to-host copy serves them all (one sync per
+    block on a GPU).
     """
     present = [t for t in decisions if t is not None]
-    if all(t.device.type == 'cpu' and t.dtype in (torch.float32, torch.float64) for t in present):
-        masks = iter(t.detach().numpy() > 0.5 for t in present)
+    if all(t.device.type == 'cpu' and t.dtype in (torch.float32, torch.float64, torch.bool) for t in present):
+        masks = iter(t.numpy() if t.dtype == torch.bool else t.detach().numpy() > 0.5 for t in present)
     else:
         flat = torch.cat([t.reshape(-1) for t in present]).gt(0.5).cpu().numpy()
         parts = np.split(flat, np.cumsum([t.numel() for t in present])[:-1])
@@ -678,6 +682,17 @@ def _plan_batch(
     return msa, pack_tokens(run_ffn, tokens, ffn_heads, num_tokens, batch_size, device)
 
 
+# Devices that run this module's plan: images grouped by head pattern, each group's GEMMs on its kept heads' weights, so
+# every dropped head's multiply-adds are saved at the price of many small kernels. Other devices (GPUs), where a launch
+# costs more than such a kernel's work, run ``sparse_accelerator.py``'s plan of a few launches per block.
+HEAD_GROUPED_DEVICES = {'cpu'}
+
+
+def runs_accelerator_plan(device: torch.device) -> bool:
+    """Whether the sparse executor runs ``sparse_accelerator.py``'s plan on ``device`` (``HEAD_GROUPED_DEVICES``)."""
+    return device.type not in HEAD_GROUPED_DEVICES
+
+
 def sparse_block_forward(
         block: Block,
         x: torch.Tensor,
@@ -703,6 +718,9 @@ def sparse_block_forward(
     Returns:
         Block output, (B, N, D).
     """
+    if runs_accelerator_plan(x.device):
+        from .sparse_accelerator import accelerator_block_forward  # it builds on this module's helpers
+        return accelerator_block_forward(block, x, x_normed, patch_keep, head_keep, block_keep, head_mode)
     B, N, _ = x.shape
     if B == 1:
         msa_packing, ffn_packing = _plan_single_image(patch_keep, head_keep, block_keep, N, head_mode)

@@ -18,6 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import CheckpointError, ConfigError, InputError
 from ..execution.masked import masked_block_forward
+from ..execution.sparse import runs_accelerator_plan, sparse_block_forward
 from ..gates.networks import DecisionGate, PatchGate
 from ..gates.sampling import bernoulli_decisions, gumbel_sigmoid_hard, threshold_decisions
 
@@ -232,11 +233,12 @@ class AdaViT(VisionTransformer):
             block = self._decide(logits, self.block_threshold, self.random_keep[2])
         return BlockDecisions(patch, head, block)
 
-    def _random_decisions(self, x: torch.Tensor) -> List[BlockDecisions]:
+    def _random_decisions(self, x: torch.Tensor, on_host: bool = False) -> List[BlockDecisions]:
         """The random policy's eval decisions for every block, from a single draw (a draw per block, with its casts,
         costs about 4% of a DeiT-S forward at batch 1). A unit is kept when its uniform draw in [0, 1) falls below its
         keep probability, so the prefix tokens, at probability 1, always are. The draw is laid out block by block, each
-        block's (B, units) row-major: the same numbers, in the same order, as one draw per block."""
+        block's (B, units) row-major: the same numbers, in the same order, as one draw per block. They are made on the
+        host, and stay there (as bool) with ``on_host``; else they go to ``x``'s device and dtype."""
         if self._generator is None:
             self.reset_random_policy()
         B, N = x.shape[:2]
@@ -251,7 +253,8 @@ class AdaViT(VisionTransformer):
                 rows.append(torch.tensor(row + [self.random_keep[1]] * head + [self.random_keep[2]] * block))
             self._random_keep_probs = (key, torch.cat([row.repeat(B) for row in rows]), widths)
         _, probs, widths = self._random_keep_probs
-        draw = (torch.rand(probs.numel(), generator=self._generator) < probs).to(device=x.device, dtype=x.dtype)
+        draw = torch.rand(probs.numel(), generator=self._generator) < probs
+        draw = draw if on_host else draw.to(device=x.device, dtype=x.dtype)
         if B == 1:  # every block's (1, N), (1, H), (1, 2) follow each other: one split
             parts = draw.view(1, -1).split([w for block_widths in widths for w in block_widths], dim=1)
         else:
@@ -302,12 +305,13 @@ class AdaViT(VisionTransformer):
         # The sparse executor is for inference: with gradients on, eval runs the masked reference, whose gradients are
         # exact (for saliency maps and the like).
         sparse = not self.training and self.executor == 'sparse' and not torch.is_grad_enabled()
-        if sparse:
-            from ..execution.sparse import sparse_block_forward  # noqa: the sparse executor is eval-only
         taken: List[BlockDecisions] = []
-        # The random policy decides for every block at once (its draws do not depend on the tokens).
-        drawn = self._random_decisions(x) if decisions is None and self.policy == 'random' and not self.training \
-            else None
+        # The random policy decides for every block at once (its draws do not depend on the tokens). Its decisions stay
+        # on the host for the sparse executor on a GPU: the executor plans on the host, and would otherwise wait for the
+        # device to copy them back, once per block.
+        drawn = None
+        if decisions is None and self.policy == 'random' and not self.training:
+            drawn = self._random_decisions(x, on_host=sparse and runs_accelerator_plan(x.device))
         for i, blk in enumerate(self.blocks):
             x_normed = blk.norm1(x)
             if decisions is not None:
@@ -343,8 +347,8 @@ class AdaViT(VisionTransformer):
         B, N = x.shape[:2]
         ones = x.new_ones(())
 
-        def stack(parts: List[Optional[torch.Tensor]], width: int) -> torch.Tensor:
-            return torch.stack([p if p is not None else ones.expand(B, width) for p in parts], dim=1)
+        def stack(parts: List[Optional[torch.Tensor]], width: int) -> torch.Tensor:  # on x's device, in its dtype
+            return torch.stack([p.to(ones) if p is not None else ones.expand(B, width) for p in parts], dim=1)
 
         num_heads = self.blocks[0].attn.num_heads
         return Decisions(

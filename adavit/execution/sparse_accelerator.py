@@ -1,0 +1,250 @@
+"""The sparse executor on accelerators: the same skipping, planned for few kernel launches instead of fewest MACs.
+
+A GPU kernel launch costs the host about 10 us, more than most of the small GEMMs that grouping images by head pattern
+makes (``sparse.py``, the CPU plan): at DeiT-S batch 256 that plan launched 4,852 kernels per forward and ran 22 times
+slower than the dense model (H200, bf16). Here a block launches about thirty kernels, whatever the batch (382 per
+forward at batch 256):
+
+* a sub-block gathers the kept tokens of the images that run it into one (T, D) matrix, runs each of timm's layers on
+  it as one kernel, adds its output to those residual rows and writes them back (once for both sub-blocks when the
+  same images run them). Not ``index_add_``: its atomic adds took 100 us per DeiT-S block at batch 256 in bf16, a plain
+  row copy a fraction of that;
+* q, k, v are computed for every head of a kept token, in one GEMM; attention runs only for the kept (image, head)
+  pairs, each over its image's kept tokens, in one ``scaled_dot_product_attention`` call padded to the longest image;
+  a dropped head's output is then zero (full deactivation) or its values (partial) before proj, and (full) its
+  channels are zeroed before fc1. So a dropped head's share of the qkv, proj and fc1 GEMMs is computed, not skipped:
+  to skip it, each head would need its own copy of its images' rows, which moves more bytes than the GEMM time saved;
+* the plan is made on the host, in NumPy, and reaches the device as one small index array (rows, and a few numbers per
+  image and per attention problem; the padded layout is computed on the device) copied from pinned memory without
+  waiting: decisions already on the host (the random policy's) cost no sync, so the host runs ahead of the device;
+  decisions made on the device cost one sync per block.
+
+The output equals the masked reference (``masked.py``) up to float rounding, as the CPU plan's does.
+"""
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .sparse import _copy_rows, _head_major_qkv, _host_masks
+
+
+@dataclass
+class SubBlockPlan:
+    """The images that run one sub-block and their kept tokens, as offsets into the block's index array."""
+    rows: Optional[slice]  # packed row indices (T,) of the flattened (B * N, D) stream, or None for every row in order
+    num_rows: int  # T
+    counts: np.ndarray  # (n,) kept tokens per image, in packed order
+    heads: Optional[np.ndarray]  # (n, H) bool kept heads of these images, or None when all are kept
+
+
+def _kept_rows(tokens: Optional[np.ndarray]) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """The kept tokens of every image: (rows of the flattened (B * N, D) stream, image-major (T,), counts (B,))."""
+    return None if tokens is None else (np.flatnonzero(tokens), np.count_nonzero(tokens, axis=1))
+
+
+def _sub_block(run: Optional[np.ndarray], kept: Optional[Tuple[np.ndarray, np.ndarray]], heads: Optional[np.ndarray],
+               batch_size: int, num_tokens: int, pieces: List[np.ndarray]) -> Optional[SubBlockPlan]:
+    """Plan the images that run a sub-block (``run``, None: all) and their ``kept`` tokens (``_kept_rows``, None: all);
+    its rows go into ``pieces``."""
+    if run is not None and not run.any():
+        return None
+    if heads is not None:
+        heads = heads if run is None else heads[run]  # (n, H)
+        heads = None if heads.all() else heads
+    if kept is None:
+        counts = np.full(batch_size if run is None else np.count_nonzero(run), num_tokens)
+        if run is None:
+            return SubBlockPlan(None, batch_size * num_tokens, counts, heads)
+        rows = (np.flatnonzero(run)[:, None] * num_tokens + np.arange(num_tokens)).ravel()
+    else:
+        rows, counts = kept
+        if run is not None:
+            rows, counts = rows[np.repeat(run, counts)], counts[run]
+    return SubBlockPlan(_append(pieces, rows), int(rows.size), counts, heads)
+
+
+def _append(pieces: List[np.ndarray], values: np.ndarray) -> slice:
+    """Queue ``values`` for the block's one host-to-device copy; returns where they will lie in it."""
+    start = sum(p.size for p in pieces)
+    pieces.append(values.astype(np.int64, copy=False).ravel())
+    return slice(start, start + values.size)
+
+
+# The padded attention runs on these SDPA backends. Not cuDNN's, SDPA's first choice on Hopper: it builds an execution
+# plan for every new shape, and the shape here, (problems, longest image), changes with every batch's decisions. DeiT-S
+# at batch 256 on an H200 in bf16, new decisions every call: 293.5 ms a forward with cuDNN first, 28.4 ms with these
+# (with the same decisions per input, so its plans are cached: 21.4 against 23.0 ms; benchmarks/padded_attention.py).
+PADDED_ATTENTION_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+# The longest problem is padded up to a multiple of this, so that the key mask's strides are multiples of 8 elements,
+# as PyTorch's memory-efficient attention wants them (else it pads a copy of the mask on every call).
+PAD_TO = 8
+
+
+@dataclass
+class AttentionPlan:
+    """An MSA's attention problems, one per kept (image, head) with tokens, as offsets into the block's index array.
+
+    Row ``t * H + h`` of the (T * H, 3 * dh) q, k, v rows is packed token t's head h. Problem p reads rows
+    ``first_p + H * j`` for its tokens j < count_p, padded to the longest problem L with its last row (masked out).
+    """
+    first: slice  # (P,) first row
+    last: slice  # (P,) last row
+    counts: slice  # (P,) tokens
+    num_problems: int  # P
+    length: int  # L
+
+
+def _attention_plan(plan: SubBlockPlan, num_heads: int, pieces: List[np.ndarray]) -> AttentionPlan:
+    """The attention problems of an MSA (``AttentionPlan``)."""
+    n = plan.counts.size
+    first_token = np.cumsum(plan.counts) - plan.counts  # (n,) each image's first packed row
+    kept = np.ones((n, num_heads), dtype=bool) if plan.heads is None else plan.heads.copy()  # (n, H)
+    kept[plan.counts == 0] = False  # an image without tokens has nothing to attend
+    image, head = np.nonzero(kept)  # (P,) problems, image-major
+    counts = plan.counts[image]
+    first = first_token[image] * num_heads + head
+    length = -(-int(counts.max()) // PAD_TO) * PAD_TO if counts.size else 0
+    return AttentionPlan(_append(pieces, first), _append(pieces, first + num_heads * (counts - 1)),
+                         _append(pieces, counts), int(counts.size), length)
+
+
+def accelerator_block_forward(
+        block: Block,
+        x: torch.Tensor,
+        x_normed: torch.Tensor,
+        patch_keep: Optional[torch.Tensor],
+        head_keep: Optional[torch.Tensor],
+        block_keep: Optional[torch.Tensor],
+        head_mode: str = 'full',
+) -> torch.Tensor:
+    """One timm ``Block`` under AdaViT decisions, in a few launches (``sparse_block_forward``'s arguments).
+
+    Decisions may lie on the host or on ``x``'s device. Updates ``x`` (B, N, D) in place and returns it.
+    """
+    B, N, D = x.shape
+    H = block.attn.num_heads
+    tokens, heads, runs = _host_masks(patch_keep, head_keep, block_keep)
+    if tokens is not None and tokens.all():
+        tokens = None
+    if heads is not None and heads.all():
+        heads = None
+    run_msa, run_ffn = (None, None) if runs is None else (None if runs[:, i].all() else runs[:, i] for i in range(2))
+    pieces: List[np.ndarray] = []
+    kept = _kept_rows(tokens)
+    msa = _sub_block(run_msa, kept, heads, B, N, pieces)
+    # The same images run both sub-blocks: their rows are gathered once, and written back once.
+    shared = msa is not None and (run_msa is run_ffn or (run_ffn is not None and np.array_equal(run_msa, run_ffn)))
+    ffn_heads = heads if head_mode == 'full' else None
+    if shared:
+        ffn = SubBlockPlan(msa.rows, msa.num_rows, msa.counts, msa.heads if ffn_heads is not None else None)
+    else:
+        ffn = _sub_block(run_ffn, kept, ffn_heads, B, N, pieces)
+    attention = _attention_plan(msa, H, pieces) if msa is not None and not _is_plain_batch(msa) else None
+    ffn_kept = None
+    if ffn is not None and ffn.heads is not None:  # each image's kept heads, and its token count to repeat them by
+        ffn_kept = (_append(pieces, ffn.heads), _append(pieces, ffn.counts))
+    index = _to_device(pieces, x.device)
+
+    flat = x.view(B * N, D)
+    residual = rows = None
+    if msa is not None:
+        rows = None if msa.rows is None else index[msa.rows]
+        residual = flat if rows is None else flat.index_select(0, rows)  # (T, D)
+        normed = x_normed.reshape(B * N, D)
+        normed = normed if rows is None else normed.index_select(0, rows)  # (T, D)
+        residual += _apply(block.ls1, _msa(block, normed, msa, attention, index, head_mode)).to(residual.dtype)
+        if rows is not None and not shared:
+            _copy_rows(flat, rows, residual)
+    if ffn is not None:
+        if not shared:
+            rows = None if ffn.rows is None else index[ffn.rows]
+            residual = flat if rows is None else flat.index_select(0, rows)  # (T, D)
+        h = block.norm2(residual)
+        if ffn_kept is not None:  # full deactivation: fc1 reads only the kept heads' channels
+            head_mask = torch.repeat_interleave(index[ffn_kept[0]].view(-1, H), index[ffn_kept[1]], dim=0,
+                                                output_size=ffn.num_rows)  # (T, H)
+            h = (h.view(-1, H, D // H) * head_mask.to(h.dtype)[:, :, None]).view(-1, D)
+        residual += _apply(block.ls2, block.mlp(h)).to(residual.dtype)
+    if rows is not None and (ffn is not None or not shared):
+        _copy_rows(flat, rows, residual)
+    return x
+
+
+def _apply(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, without the call where the module is an ``Identity`` (a module call costs the host ~5 us)."""
+    return x if type(module) is torch.nn.Identity else module(x)
+
+
+def _is_plain_batch(plan: SubBlockPlan) -> bool:
+    """Every head of images with equal token counts: timm's own attention runs it, on (n, L, D)."""
+    return plan.heads is None and bool((plan.counts == plan.counts[0]).all())
+
+
+def _to_device(pieces: List[np.ndarray], device: torch.device) -> Optional[torch.Tensor]:
+    """The block's index arrays, concatenated, on ``device`` in one copy that does not wait for the device."""
+    if not pieces:
+        return None
+    if device.type != 'cuda':
+        return torch.from_numpy(np.concatenate(pieces)).to(device)
+    # From pageable memory the copy would wait for the stream to drain; from pinned memory it is queued behind it.
+    # torch's caching host allocator keeps the pinned block until the copy has run.
+    host = torch.empty(sum(p.size for p in pieces), dtype=torch.int64, pin_memory=True)
+    np.concatenate(pieces, out=host.numpy())
+    return host.to(device, non_blocking=True)
+
+
+_POSITIONS = {}  # device -> arange(n) on it: a slice of it is one launch less per block
+
+
+def _positions(length: int, device: torch.device) -> torch.Tensor:
+    """``torch.arange(length, device=device)``, sliced from a cached one."""
+    cached = _POSITIONS.get(device)
+    if cached is None or cached.numel() < length:
+        cached = _POSITIONS[device] = torch.arange(max(length, 256), device=device)
+    return cached[:length]
+
+
+def _msa(
+        block: Block,
+        tokens: torch.Tensor,
+        plan: SubBlockPlan,
+        attention: Optional[AttentionPlan],
+        index: Optional[torch.Tensor],
+        head_mode: str,
+) -> torch.Tensor:
+    """MSA outputs (before ``ls1``) of the packed, normed rows ``tokens`` (T, D)."""
+    attn = block.attn
+    T, D = tokens.shape
+    if attention is None:  # every head, equal token counts
+        n = plan.counts.size
+        return attn(tokens.view(n, T // n, D)).view(T, D)
+    H, dh = attn.num_heads, attn.head_dim
+    w_qkv, b_qkv = _head_major_qkv(attn.qkv, H, parts=3)  # rows [q_h; k_h; v_h] per head
+    qkv = F.linear(tokens, w_qkv, b_qkv).view(T * H, 3 * dh)  # (T * H, 3 * dh): row t * H + h is token t's head h
+    # Per (token, head), dropped heads included: zero (full) or the head's values (partial), then the attention rows;
+    # plus a last row that the padded slots write to.
+    o_rows = qkv.new_empty(T * H + 1, dh)
+    if head_mode == 'full':
+        o_rows.zero_()
+    else:
+        o_rows[:-1] = qkv[:, 2 * dh:]
+    P, L = attention.num_problems, attention.length
+    if P:
+        positions = _positions(L, tokens.device)  # (L,)
+        counts = index[attention.counts][:, None]  # (P, 1)
+        slots = torch.minimum(torch.add(index[attention.first][:, None], positions, alpha=H),
+                              index[attention.last][:, None])  # (P, L) rows to read, the last one again as padding
+        real = positions < counts  # (P, L)
+        q, k, v = qkv.index_select(0, slots.view(-1)).view(P, 1, L, 3, dh).unbind(3)  # (P, 1, L, dh) each
+        q, k = _apply(attn.q_norm, q), _apply(attn.k_norm, k)
+        with sdpa_kernel(PADDED_ATTENTION_BACKENDS):  # o: (P, 1, L, dh)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=real[:, None, None, :], scale=attn.scale)
+        # Padded slots all go to the spare last row (which of them lands there does not matter).
+        o_rows.index_copy_(0, torch.where(real, slots, T * H).view(-1), o.view(P * L, dh).to(o_rows.dtype))
+    return attn.proj(_apply(attn.norm, o_rows[:-1].view(T, D)))

@@ -1,0 +1,105 @@
+"""The sparse executor's accelerator plan (few launches per block), run here on the CPU: same logits as the masked
+reference, and the plan's index arithmetic checked by hand."""
+import itertools
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from adavit import AdaViT
+from adavit.execution import sparse, sparse_accelerator
+from adavit.execution.sparse_accelerator import PAD_TO, _attention_plan, _kept_rows, _sub_block
+
+from test_sparse import TINY, _both, _random_decisions
+
+
+@pytest.fixture
+def accelerator_plan(monkeypatch):
+    """Every device runs the accelerator plan, the CPU too."""
+    monkeypatch.setattr(sparse, 'HEAD_GROUPED_DEVICES', set())
+
+
+@pytest.mark.parametrize('head_mode,patch_policy', list(itertools.product(['full', 'partial'], ['token', 'cls'])))
+@pytest.mark.parametrize('batch', [1, 7, 64])
+def test_accelerator_plan_matches_masked_on_random_decisions(accelerator_plan, head_mode, patch_policy, batch):
+    model = AdaViT(head_mode=head_mode, patch_policy=patch_policy, **TINY).eval()
+    for seed, edge in enumerate(['', 'mixed', 'all_skipped', 'no_patch', 'no_head']):
+        decisions = _random_decisions(batch, seed=seed, edge=edge)
+        (masked, _), (out, _) = _both(model, torch.randn(batch, 3, 32, 32), decisions)
+        assert torch.allclose(masked, out, atol=1e-4, rtol=0), (edge, (masked - out).abs().max())
+
+
+@pytest.mark.parametrize('head_mode', ['full', 'partial'])
+def test_accelerator_plan_matches_masked_with_layer_scale_and_shared_rows(accelerator_plan, head_mode):
+    """Layer scale on both sub-blocks; MSA and FFN run by the same images (rows gathered and written back once) or not;
+    every token kept with some heads dropped (the padded attention over whole images)."""
+    model = AdaViT(init_values=0.5, head_mode=head_mode, **TINY).eval()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.ls1.gamma.uniform_(0.2, 2.0)
+            blk.ls2.gamma.uniform_(0.2, 2.0)
+    for variant in ('same images', 'all tokens', 'keep all'):
+        decisions = _random_decisions(9, seed=3)
+        if variant == 'same images':
+            decisions.block[:, :, 1] = decisions.block[:, :, 0]
+        if variant in ('all tokens', 'keep all'):
+            decisions.patch.fill_(1.0)
+        if variant == 'keep all':
+            decisions.head.fill_(1.0)
+            decisions.block.fill_(1.0)
+        (masked, _), (out, _) = _both(model, torch.randn(9, 3, 32, 32), decisions)
+        assert torch.allclose(masked, out, atol=1e-4, rtol=0), (variant, (masked - out).abs().max())
+
+
+def test_accelerator_plan_with_the_random_policy_plans_from_host_decisions(accelerator_plan, monkeypatch):
+    """The random policy's draws reach the executor as host bool arrays (no device round trip) and give the masked
+    reference's logits and decisions."""
+    model = timm.create_model('adavit_deit_tiny_patch16_224', img_size=32, patch_size=8, depth=3, num_classes=5,
+                              policy='random', random_keep=(0.6, 0.6, 0.8)).eval()
+    seen = []
+    plan = sparse_accelerator.accelerator_block_forward
+
+    def spy(block, x, x_normed, patch_keep, head_keep, block_keep, head_mode='full'):
+        seen.append({t.dtype for t in (patch_keep, head_keep, block_keep) if t is not None})
+        return plan(block, x, x_normed, patch_keep, head_keep, block_keep, head_mode)
+
+    monkeypatch.setattr(sparse_accelerator, 'accelerator_block_forward', spy)
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        model.reset_random_policy(7)
+        model.executor = 'masked'
+        masked, taken_masked = model(x, return_decisions=True)
+        model.reset_random_policy(7)
+        model.executor = 'sparse'
+        out, taken = model(x, return_decisions=True)
+    assert seen == [{torch.bool}] * 3
+    assert torch.equal(taken.patch, taken_masked.patch) and torch.equal(taken.head, taken_masked.head)
+    assert taken.patch.dtype == x.dtype and taken.patch.device == x.device
+    assert torch.allclose(masked, out, atol=1e-4, rtol=0)
+
+
+def test_attention_plan_pads_each_kept_image_head_to_the_longest_image():
+    """Two of three images run the MSA; image 2 keeps heads 0 and 2 of 3 and 2 tokens, image 0 every head and 3."""
+    tokens = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 1]], dtype=bool)
+    heads = np.array([[1, 1, 1], [0, 1, 0], [1, 0, 1]], dtype=bool)
+    run = np.array([True, False, True])
+    pieces = []
+    msa = _sub_block(run, _kept_rows(tokens), heads, 3, 4, pieces)
+    assert msa.num_rows == 5 and msa.counts.tolist() == [3, 2]
+    assert np.concatenate(pieces)[msa.rows].tolist() == [0, 1, 2, 8, 11]  # rows of the flattened (B * N) stream
+    plan = _attention_plan(msa, 3, pieces)
+    index = np.concatenate(pieces)
+    # Problems (image 0, heads 0-2), (image 2, heads 0 and 2); (token t, head h) is row t * 3 + h; image 2 starts at
+    # packed token 3.
+    assert index[plan.first].tolist() == [0, 1, 2, 9, 11]
+    assert index[plan.last].tolist() == [6, 7, 8, 12, 14]
+    assert index[plan.counts].tolist() == [3, 3, 3, 2, 2]
+    assert plan.num_problems == 5 and plan.length == PAD_TO
+
+
+def test_sub_block_of_every_image_and_token_needs_no_rows():
+    pieces = []
+    plan = _sub_block(None, None, np.ones((2, 3), dtype=bool), 2, 4, pieces)
+    assert plan.rows is None and plan.num_rows == 8 and plan.heads is None and pieces == []
+    assert _sub_block(np.zeros(2, dtype=bool), None, None, 2, 4, pieces) is None
