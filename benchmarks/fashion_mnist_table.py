@@ -7,12 +7,12 @@ decisions. Both draw heads and sub-blocks at AdaViT's measured eval keep-rates, 
 AdaViT's mean MACs (``random_patch_keep_for_cost``). Prints a markdown table, writes JSON.
 """
 import argparse
-import json
 import os
 
 import numpy as np
 import torch
 
+from adavit.cost.benchmark import write_json
 from adavit.data.datasets import build_datasets
 from adavit.gates.budget import random_patch_keep_for_cost
 from adavit.model.adavit import AdaViT
@@ -81,9 +81,7 @@ def main() -> None:
     for row in rows:
         share = row['gmacs_mean'] / dense_gmacs
         print(f'| {row["model"]} | {row["top1"]:.2f} | {row["gmacs_mean"]:.5f} | {share:.1%} |')
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, 'w') as f:
-        json.dump({'count': ada['count'], 'adavit_keep': keep, 'random_keep': random_keep, 'rows': rows}, f, indent=2)
+    write_json(args.json, {'count': ada['count'], 'adavit_keep': keep, 'random_keep': random_keep, 'rows': rows})
     print(f'\nwrote {args.json}')
 
 

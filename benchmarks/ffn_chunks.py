@@ -9,7 +9,6 @@ setting runs the same decisions. Prints the medians, each setting's speed agains
     python benchmarks/ffn_chunks.py --batch-size 64 --chunk-mib 0,6 --with-masked   # as `adavit benchmark` rotates
 """
 import argparse
-import json
 import os
 import sys
 from typing import Dict, List
@@ -18,7 +17,7 @@ import timm
 import torch
 
 import adavit  # noqa: F401 (registers the AdaViT models)
-from adavit.cost.benchmark import ExecutorView, cpu_name, interleaved_medians, pin_allocator, timer
+from adavit.cost.benchmark import ExecutorView, cpu_name, interleaved_medians, pin_allocator, timer, write_json
 from adavit.cost.macs import decision_macs, dense_macs
 from adavit.execution import sparse
 
@@ -103,9 +102,7 @@ def main(argv: List[str]) -> Dict[str, object]:
     for r in rows:
         vs = f'{r["speed_vs_one_pass"]:.3f}' if r['speed_vs_one_pass'] else '-'
         print(f'{r["setting"]:>12}{r["ms"]:>11.1f}{r["images_per_s"]:>8.1f}{vs:>13}{r["efficiency"]:>12.3f}')
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, 'w') as f:
-        json.dump(result, f, indent=2)
+    write_json(args.json, result)
     print(f'wrote {args.json}')
     return result
 

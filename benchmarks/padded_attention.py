@@ -11,7 +11,6 @@ rotating order after a warm-up (``interleaved_medians``). Prints medians and wri
 """
 import argparse
 import itertools
-import json
 import os
 import sys
 from typing import Dict, List
@@ -21,7 +20,7 @@ import torch
 from torch.nn.attention import SDPBackend
 
 import adavit  # noqa: F401 (registers the AdaViT models)
-from adavit.cost.benchmark import DTYPES, ExecutorView, interleaved_medians, timer
+from adavit.cost.benchmark import DTYPES, ExecutorView, interleaved_medians, timer, write_json
 from adavit.execution import sparse, sparse_accelerator
 
 BACKENDS = {
@@ -103,9 +102,7 @@ def main(argv: List[str]) -> Dict[str, object]:
     print(f'{"backend":>10}{"decisions":>16}{"sparse ms":>11}{"img/s":>9}{"speedup":>9}')
     for r in rows:
         print(f'{r["backend"]:>10}{r["decisions"]:>16}{r["ms"]:>11.2f}{r["images_per_s"]:>9.1f}{r["speedup"]:>9.2f}')
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, 'w') as f:
-        json.dump(result, f, indent=2)
+    write_json(args.json, result)
     print(f'wrote {args.json}')
     return result
 

@@ -7,7 +7,6 @@ loss, backward and clearing the gradients (the optimizer update is the same for 
     python benchmarks/train_step.py --model deit_small --batch-size 16 --threads 2 --iters 5
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 import adavit
-from adavit.cost.benchmark import cpu_name
+from adavit.cost.benchmark import cpu_name, write_json
 from adavit.model import gate_keys
 
 CONFIGS: Dict[str, Dict[str, int]] = {
@@ -117,9 +116,7 @@ def main(argv: List[str]) -> Dict[str, object]:
         print(f'{name:<10}{med[name]:>10.3f}{result["images_per_s"][name]:>10.1f}')
     print(f'ratio adavit/dense: {result["ratio_adavit_over_dense"]:.3f}   keep-rates in training: '
           + ', '.join(f'{k[5:]} {v:.2f}' for k, v in result['keep_rates'].items()))
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, 'w') as f:
-        json.dump(result, f, indent=2)
+    write_json(args.output, result)
     return result
 
 

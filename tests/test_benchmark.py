@@ -10,7 +10,7 @@ import torch
 from adavit import AdaViT
 from adavit.cli.benchmark import validation_images
 from adavit.cli.main import main
-from adavit.cost.benchmark import cpu_name, format_rows, interleaved_medians, measure_speed, pin_allocator
+from adavit.cost.benchmark import cpu_name, format_rows, interleaved_medians, measure_speed, pin_allocator, write_json
 from adavit.cost.macs import decision_macs, dense_macs
 from adavit.training.checkpoint import load_model
 
@@ -167,3 +167,11 @@ def test_padded_attention_benchmark_times_each_backend_with_same_and_new_decisio
     assert all(r['ms'] > 0 and r['speedup'] > 0 for r in result['rows'])
     # Two contenders with new decisions, one round of two inputs: four seeds drawn, none of them seen before.
     assert next(script._Contender._fresh_seeds) == first_fresh_seed + 5
+
+
+def test_write_json_makes_the_folder_and_replaces_the_file_whole(tmp_path):
+    path = tmp_path / 'new' / 'folder' / 'result.json'
+    write_json(str(path), {'rows': [1, 2]})
+    write_json(str(path), {'rows': [3]})
+    assert json.loads(path.read_text()) == {'rows': [3]}
+    assert sorted(p.name for p in path.parent.iterdir()) == ['result.json']  # no temporary file left behind

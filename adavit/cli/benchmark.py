@@ -1,13 +1,12 @@
 """``adavit benchmark``: dense timm vs AdaViT sparse vs AdaViT masked, interleaved; prints a table, writes JSON."""
 import argparse
-import json
 import os
 from typing import List, Optional
 
 import timm
 import torch
 
-from ..cost.benchmark import batches_per_round, cpu_name, format_rows, measure_speed, rows_as_dicts
+from ..cost.benchmark import batches_per_round, cpu_name, format_rows, measure_speed, rows_as_dicts, write_json
 from ..errors import ConfigError
 from ..model.adavit import AdaViT
 
@@ -90,7 +89,6 @@ def run(args: argparse.Namespace) -> int:
                          args.images_per_round, log=None, images=images)
     print(format_rows(rows))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         result = {
             'model': args.checkpoint or args.model,
             'decisions': 'learned' if args.checkpoint else args.policy,
@@ -99,9 +97,6 @@ def run(args: argparse.Namespace) -> int:
             'machine': machine,
             'rows': rows_as_dicts(rows),
         }
-        tmp = args.json + '.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.json)
+        write_json(args.json, result)
         print(f'wrote {args.json}')
     return 0
