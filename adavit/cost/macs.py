@@ -2,7 +2,8 @@
 
 The count is what the sparse executor runs on a CPU (``execution/sparse.py``), proven against ``FlopCounterMode`` in
 the tests. (On other devices its accelerator plan computes dropped heads' share of q, k, v, proj and fc1 too, and
-zeroes it: ``execution/sparse_accelerator.py``.) For one block with ``t`` kept tokens (class token included), ``w = kept_heads * head_dim`` and MLP width ``R``:
+zeroes it: ``execution/sparse_accelerator.py``.) For one block with ``t`` kept tokens (class token included),
+``w = kept_heads * head_dim`` and MLP width ``R``:
 
 * MSA on, full deactivation: ``3 t D w`` (q, k, v) + ``2 t^2 w`` (QK^T, AV) + ``t w D`` (proj);
 * MSA on, partial deactivation: ``t D (2 w + A)`` (q, k of kept heads, v of all ``A`` channels) + ``2 t^2 w`` +
