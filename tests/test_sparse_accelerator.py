@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from adavit import AdaViT
+from adavit import AdaViT, Decisions
 from adavit.execution import sparse, sparse_accelerator
 from adavit.execution.sparse_accelerator import PAD_TO, _attention_plan, _kept_rows, _sub_block
 
@@ -103,3 +103,20 @@ def test_sub_block_of_every_image_and_token_needs_no_rows():
     plan = _sub_block(None, None, np.ones((2, 3), dtype=bool), 2, 4, pieces)
     assert plan.rows is None and plan.num_rows == 8 and plan.heads is None and pieces == []
     assert _sub_block(np.zeros(2, dtype=bool), None, None, 2, 4, pieces) is None
+
+
+def test_accelerator_plan_under_bf16_autocast_and_with_bf16_weights(accelerator_plan):
+    """Autocast (layers in bf16, the residual stream in fp32) and bf16 weights: outputs added back in the stream's dtype,
+    padded attention finite, logits as the masked reference's within bf16 rounding."""
+    model = AdaViT(**TINY).eval()
+    decisions = _random_decisions(5, seed=11, edge='mixed')
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        (masked, _), (out, _) = _both(model, x, decisions)
+    assert torch.allclose(masked.float(), out.float(), atol=0.05, rtol=0.05)
+    model = model.to(torch.bfloat16)
+    decisions = Decisions(decisions.patch.bfloat16(), decisions.head.bfloat16(), decisions.block.bfloat16(),
+                          decisions.patch_gated, decisions.head_gated, decisions.block_gated)  # as bf16 gates give them
+    (masked, _), (out, _) = _both(model, x.bfloat16(), decisions)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert torch.allclose(masked.float(), out.float(), atol=0.05, rtol=0.05)
