@@ -136,6 +136,26 @@ def test_sparse_matches_masked_when_the_ffn_runs_in_row_chunks(monkeypatch, chun
             assert calls[1:] == [chunk_rows] * (rows // chunk_rows) + ([rows % chunk_rows] if rows % chunk_rows else [])
 
 
+@pytest.mark.parametrize('init_values', [None, 0.5])
+def test_sparse_runs_timms_mlp_where_one_chunk_holds_rows_of_every_head(init_values):
+    """An FFN whose rows fit one chunk and keep every head runs timm's ``Mlp`` module as the dense model does (added
+    into the residual rows, or returned for layer scale); with dropped heads, fc1 runs on kept channels instead."""
+    model = AdaViT(init_values=init_values, **TINY).eval()
+    calls = []
+    model.blocks[2].mlp.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    decisions = _random_decisions(3, seed=5)
+    decisions.head[:, 2] = 1.0
+    decisions.block[:, 2] = 1.0
+    (masked, _), (out, _) = _both(model, torch.randn(3, 3, 32, 32), decisions)
+    assert torch.allclose(masked, out, atol=1e-4, rtol=0)
+    assert calls[1:] == [int(decisions.patch[:, 2].sum())]  # the sparse pass: once, on the kept rows
+    decisions.head[0, 2, 1] = 0.0
+    calls.clear()
+    (masked, _), (out, _) = _both(model, torch.randn(3, 3, 32, 32), decisions)
+    assert torch.allclose(masked, out, atol=1e-4, rtol=0)
+    assert len(calls) == 1  # the masked pass only
+
+
 @pytest.mark.parametrize('math_up_to,chunk', [(0, 1 << 24), (64, 1 << 24), (64, 1 << 13)])
 @pytest.mark.parametrize('split_macs', [0.0, 1.5e6, float('inf')])
 def test_sparse_matches_masked_for_any_attention_bucketing(monkeypatch, split_macs, math_up_to, chunk):
