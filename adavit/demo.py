@@ -50,7 +50,7 @@ KINDS = ('patch', 'head', 'block')
 @dataclass
 class DemoSettings:
     """What ``run_demo`` does; the defaults are ``make demo``'s: one fine-tuning epoch on all 60k training images,
-    evaluation on all 10k test images (about 5 minutes on 2 idle CPU cores, within the 10 the demo is allowed).
+    evaluation on all 10k test images (5-6 minutes on 2 CPU cores, within the 10 the demo is allowed).
 
     Attributes:
         config: The AdaViT fine-tuning config (YAML).
