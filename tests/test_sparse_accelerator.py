@@ -120,3 +120,10 @@ def test_accelerator_plan_under_bf16_autocast_and_with_bf16_weights(accelerator_
     (masked, _), (out, _) = _both(model, x.bfloat16(), decisions)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert torch.allclose(masked.float(), out.float(), atol=0.05, rtol=0.05)
+
+
+def test_the_cpu_groups_heads_and_other_devices_run_the_accelerator_plan(monkeypatch):
+    assert not sparse.runs_accelerator_plan(torch.device('cpu'))
+    assert sparse.runs_accelerator_plan(torch.device('cuda')) and sparse.runs_accelerator_plan(torch.device('mps'))
+    monkeypatch.setattr(sparse, 'HEAD_GROUPED_DEVICES', {'cpu', 'cuda'})  # the CPU plan back on a GPU
+    assert not sparse.runs_accelerator_plan(torch.device('cuda', 0))
