@@ -294,6 +294,16 @@ def test_host_masks_threshold_at_one_half(dtype):
     assert sparse._host_masks(None, None) == [None, None]
 
 
+def test_batch_masks_are_none_where_the_decisions_keep_everything():
+    patch = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    heads = torch.ones(2, 3, dtype=torch.bool)
+    block = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    tokens, kept_heads, run_msa, run_ffn = sparse.batch_masks(patch, heads, block)
+    assert tokens.tolist() == [[True, True], [True, False]] and kept_heads is None
+    assert run_msa is None and run_ffn.tolist() == [False, True]
+    assert sparse.batch_masks(torch.ones(2, 2), None, None) == (None, None, None, None)
+
+
 def test_sparse_under_inference_mode_and_its_weight_copies_after_it():
     """Deployment runs under ``torch.inference_mode()``: the same logits as the masked reference, and the re-laid-out
     weight copies made there (inference tensors) still serve later calls under ``no_grad``."""

@@ -585,9 +585,6 @@ def _ffn(
     mlp = block.mlp
     T = packing.num_rows
     dtype = _compute_dtype(x_ffn)
-    fused_fc2 = into is not None and all(isinstance(m, (torch.nn.Identity, torch.nn.Dropout))
-                                         for m in (mlp.drop1, mlp.norm, mlp.drop2))  # eval: dropout does nothing
-    out = into if fused_fc2 else None
     hidden_row_bytes = mlp.fc1.out_features * dtype.itemsize
     chunk = max(1, FFN_CHUNK_BYTES.get(x_ffn.device.type, T * hidden_row_bytes) // hidden_row_bytes)  # rows
     if T <= chunk and len(packing.groups) == 1 and packing.groups[0].head_runs is None:
@@ -600,6 +597,9 @@ def _ffn(
             return y
         into += y
         return into
+    fused_fc2 = into is not None and all(isinstance(m, (torch.nn.Identity, torch.nn.Dropout))
+                                         for m in (mlp.drop1, mlp.norm, mlp.drop2))  # eval: dropout does nothing
+    out = into if fused_fc2 else None
     hidden_buffer = x_ffn.new_empty(min(chunk, T), mlp.fc1.out_features, dtype=dtype)  # (C, R), reused per chunk
     # fc1 reads timm's weight through a transposed view (a range of input channels is a strided row slice of it), not a
     # contiguous (D, R) copy as proj does. Side by side (2 threads, Intel Xeon): 4.6-5.1% faster at DeiT-S batch 1 in
@@ -668,6 +668,24 @@ def _host_masks(*decisions: Optional[torch.Tensor]) -> List[Optional[np.ndarray]
     return [None if t is None else next(masks) for t in decisions]
 
 
+def batch_masks(
+        patch_keep: Optional[torch.Tensor],
+        head_keep: Optional[torch.Tensor],
+        block_keep: Optional[torch.Tensor],
+) -> Tuple[Optional[np.ndarray], ...]:
+    """A batch's decisions as NumPy bool masks (``_host_masks``), each None where it keeps everything.
+
+    Returns:
+        (kept tokens (B, N), kept heads (B, H), images that run the MSA (B,), images that run the FFN (B,)).
+    """
+    tokens, heads, runs = _host_masks(patch_keep, head_keep, block_keep)
+    tokens, heads = (None if m is None or m.all() else m for m in (tokens, heads))
+    if runs is None:
+        return tokens, heads, None, None
+    run_msa, run_ffn = (None if runs[:, i].all() else runs[:, i] for i in range(2))
+    return tokens, heads, run_msa, run_ffn
+
+
 def _plan_batch(
         patch_keep: Optional[torch.Tensor],
         head_keep: Optional[torch.Tensor],
@@ -678,12 +696,7 @@ def _plan_batch(
 ) -> Tuple[Optional[Packing], Optional[Packing]]:
     """The MSA and FFN packings of a batch (``_plan_single_image``'s arguments, for B images)."""
     device = next((t.device for t in (patch_keep, head_keep, block_keep) if t is not None), None)
-    tokens, heads, runs = _host_masks(patch_keep, head_keep, block_keep)  # then NumPy (``pack_tokens``)
-    if tokens is not None and tokens.all():
-        tokens = None
-    run_msa = run_ffn = None
-    if runs is not None:  # (B, 2)
-        run_msa, run_ffn = (None if runs[:, i].all() else runs[:, i] for i in range(2))
+    tokens, heads, run_msa, run_ffn = batch_masks(patch_keep, head_keep, block_keep)  # then NumPy (``pack_tokens``)
     msa = pack_tokens(run_msa, tokens, heads, num_tokens, batch_size, device)
     # Partial deactivation leaves the FFN whole, so its tokens need no head grouping.
     ffn_heads = heads if head_mode == 'full' else None

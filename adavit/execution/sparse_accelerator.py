@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .sparse import _copy_rows, _head_major_qkv, _host_masks
+from .sparse import _copy_rows, _head_major_qkv, batch_masks
 
 
 @dataclass
@@ -129,12 +129,7 @@ def accelerator_block_forward(
     """
     B, N, D = x.shape
     H = block.attn.num_heads
-    tokens, heads, runs = _host_masks(patch_keep, head_keep, block_keep)
-    if tokens is not None and tokens.all():
-        tokens = None
-    if heads is not None and heads.all():
-        heads = None
-    run_msa, run_ffn = (None, None) if runs is None else (None if runs[:, i].all() else runs[:, i] for i in range(2))
+    tokens, heads, run_msa, run_ffn = batch_masks(patch_keep, head_keep, block_keep)
     pieces: List[np.ndarray] = []
     kept = _kept_rows(tokens)
     msa = _sub_block(run_msa, kept, heads, B, N, pieces)
@@ -159,7 +154,7 @@ def accelerator_block_forward(
         normed = x_normed.reshape(B * N, D)
         normed = normed if rows is None else normed.index_select(0, rows)  # (T, D)
         residual += _apply(block.ls1, _msa(block, normed, msa, attention, index, head_mode)).to(residual.dtype)
-        if rows is not None and not shared:
+        if rows is not None and not shared:  # shared rows are written back after the FFN
             _copy_rows(flat, rows, residual)
     if ffn is not None:
         if not shared:
@@ -171,8 +166,8 @@ def accelerator_block_forward(
                                                 output_size=ffn.num_rows)  # (T, H)
             h = (h.view(-1, H, D // H) * head_mask.to(h.dtype)[:, :, None]).view(-1, D)
         residual += _apply(block.ls2, block.mlp(h)).to(residual.dtype)
-    if rows is not None and (ffn is not None or not shared):
-        _copy_rows(flat, rows, residual)
+        if rows is not None:
+            _copy_rows(flat, rows, residual)
     return x
 
 
