@@ -588,10 +588,10 @@ def _ffn(
     hidden_row_bytes = mlp.fc1.out_features * dtype.itemsize
     chunk = max(1, FFN_CHUNK_BYTES.get(x_ffn.device.type, T * hidden_row_bytes) // hidden_row_bytes)  # rows
     if T <= chunk and len(packing.groups) == 1 and packing.groups[0].head_runs is None:
-        # One chunk, every head: timm's own MLP, as the dense model runs it. At batch 1, paired in the benchmark's harness
-        # (2 threads, Intel Xeon), 1.044x the speed of the buffer path below on DeiT-S at keep 0.7/0.7/0.9 (twice) and
-        # 1.050x on the Fashion-MNIST AdaViT; a tie with every token kept, and 1.012x on Fashion-MNIST at batch 256. The
-        # buffer and the chunks pay off on the thousands of rows of a batch.
+        # One chunk, every head: timm's own MLP, as the dense model runs it. At batch 1, paired in the benchmark's
+        # harness (2 threads, Intel Xeon), 1.044x the speed of the buffer path below on DeiT-S at keep 0.7/0.7/0.9
+        # (twice) and 1.050x on the Fashion-MNIST AdaViT; a tie with every token kept, and 1.012x on Fashion-MNIST at
+        # batch 256. The buffer and the chunks pay off on the thousands of rows of a batch.
         y = mlp(block.norm2(x_ffn))  # (T, D)
         if into is None:
             return y
