@@ -106,8 +106,8 @@ def test_sub_block_of_every_image_and_token_needs_no_rows():
 
 
 def test_accelerator_plan_under_bf16_autocast_and_with_bf16_weights(accelerator_plan):
-    """Autocast (layers in bf16, the residual stream in fp32) and bf16 weights: outputs added back in the stream's dtype,
-    padded attention finite, logits as the masked reference's within bf16 rounding."""
+    """Autocast (layers in bf16, the residual stream in fp32) and bf16 weights: outputs added back in the stream's
+    dtype, padded attention finite, logits as the masked reference's within bf16 rounding."""
     model = AdaViT(**TINY).eval()
     decisions = _random_decisions(5, seed=11, edge='mixed')
     x = torch.randn(5, 3, 32, 32)
