@@ -307,13 +307,14 @@ def test_batch_masks_are_none_where_the_decisions_keep_everything():
 def test_sparse_under_inference_mode_and_its_weight_copies_after_it():
     """Deployment runs under ``torch.inference_mode()``: the same logits as the masked reference, and the re-laid-out
     weight copies made there (inference tensors) still serve later calls under ``no_grad``."""
-    model = AdaViT(**TINY).eval()
-    x, decisions = torch.randn(5, 3, 32, 32), _random_decisions(5, seed=4, edge='mixed')
-    with torch.inference_mode():
-        sparse_inference = model(x, decisions=decisions)
-    (masked, _), (sparse, _) = _both(model, x, decisions)
-    assert torch.allclose(sparse_inference, masked, atol=1e-4, rtol=0)
-    assert torch.equal(sparse_inference, sparse)
+    for batch in (5, 1):  # the batch path and the latency path, each with its own weight views
+        model = AdaViT(**TINY).eval()
+        x, decisions = torch.randn(batch, 3, 32, 32), _random_decisions(batch, seed=4, edge='mixed')
+        with torch.inference_mode():
+            sparse_inference = model(x, decisions=decisions)
+        (masked, _), (sparse, _) = _both(model, x, decisions)
+        assert torch.allclose(sparse_inference, masked, atol=1e-4, rtol=0)
+        assert torch.equal(sparse_inference, sparse)
 
 
 def _flop_counted_macs(model: AdaViT, x: torch.Tensor, decisions=None) -> float:
@@ -429,3 +430,73 @@ def test_sparse_with_bf16_weights_matches_masked():
     (masked, _), (sparse, _) = _both(model, x, decisions)
     assert torch.isfinite(sparse).all()
     assert torch.allclose(masked.float(), sparse.float(), atol=0.05, rtol=0.05)
+
+
+def test_single_image_path_serves_plain_blocks_at_batch_one(monkeypatch):
+    """Batch 1 of a plain block runs the latency path; batches, partial deactivation, layer scale, q/k norms and autocast
+    run the batch path."""
+    block = AdaViT(**TINY).eval().blocks[0]
+    one, two = torch.randn(1, NUM_TOKENS, 48), torch.randn(2, NUM_TOKENS, 48)
+    assert sparse._runs_single_image_path(block, one, 'full')
+    assert not sparse._runs_single_image_path(block, two, 'full')
+    assert not sparse._runs_single_image_path(block, one, 'partial')
+    assert not sparse._runs_single_image_path(AdaViT(init_values=0.5, **TINY).blocks[0], one, 'full')
+    assert not sparse._runs_single_image_path(AdaViT(qk_norm=True, **TINY).blocks[0], one, 'full')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not sparse._runs_single_image_path(block, one, 'full')
+
+    model = AdaViT(**TINY).eval()
+    calls = []
+    latency_path = sparse._single_image_block_forward
+    monkeypatch.setattr(sparse, '_single_image_block_forward', lambda *args: calls.append(1) or latency_path(*args))
+    _both(model, torch.randn(1, 3, 32, 32), _random_decisions(1, seed=3))
+    assert len(calls) == TINY['depth']
+
+
+@pytest.mark.parametrize('math_up_to', [0, 64])
+@pytest.mark.parametrize('edge', ['', 'mixed', 'no_patch', 'no_head', 'all_skipped', 'all_tokens'])
+def test_single_image_path_equals_the_batch_path(monkeypatch, edge, math_up_to):
+    """The latency path computes what the batch path computes for one image, op for op: the same outputs, bit for bit,
+    with attention by matmuls (short sequences) or by the flash kernel."""
+    monkeypatch.setattr(sparse, 'MATH_ATTENTION_UP_TO', math_up_to)
+    model = AdaViT(**TINY).eval()
+    x = torch.randn(1, 3, 32, 32)
+    decisions = _random_decisions(1, seed=5, edge='' if edge == 'all_tokens' else edge)
+    if edge == 'all_tokens':  # every token, some heads: attention over the full sequence on kept heads only
+        decisions.patch.fill_(1.0)
+        decisions.head[0, :, 0] = 0.0
+    with torch.no_grad():
+        latency = model(x, decisions=decisions)
+        monkeypatch.setattr(sparse, '_runs_single_image_path', lambda *args: False)
+        batch = model(x, decisions=decisions)
+    assert torch.equal(latency, batch)
+
+
+def test_single_image_path_follows_new_weights():
+    """Its ready-made weight views are remade when the weights change in place (load_state_dict) or move to new
+    storage (a new dtype)."""
+    model = AdaViT(**TINY).eval()
+    x, decisions = torch.randn(1, 3, 32, 32), _random_decisions(1, seed=6)
+    _both(model, x, decisions)  # makes the views
+    model.load_state_dict(AdaViT(**TINY).state_dict())
+    (masked, _), (sparse_out, _) = _both(model, x, decisions)
+    assert torch.allclose(masked, sparse_out, atol=1e-4, rtol=0)
+    model = model.double()
+    d = decisions
+    (masked, _), (sparse_out, _) = _both(model, x.double(), Decisions(
+        d.patch.double(), d.head.double(), d.block.double(), d.patch_gated, d.head_gated, d.block_gated))
+    assert sparse_out.dtype == torch.float64 and torch.allclose(masked, sparse_out, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize('dtype', [torch.bool, torch.bfloat16])
+def test_single_image_path_reads_bool_and_bf16_decisions(dtype):
+    model = AdaViT(**TINY).eval()
+    x = torch.randn(1, 3, 32, 32)
+    if dtype == torch.bfloat16:
+        model, x = model.to(dtype), x.to(dtype)
+    d = _random_decisions(1, seed=7, edge='mixed')
+    decisions = Decisions(d.patch.to(dtype), d.head.to(dtype), d.block.to(dtype), d.patch_gated, d.head_gated,
+                          d.block_gated)
+    (masked, _), (sparse_out, _) = _both(model, x, decisions)
+    tolerance = 1e-4 if dtype == torch.bool else 0.05
+    assert torch.allclose(masked.float(), sparse_out.float(), atol=tolerance, rtol=tolerance)
