@@ -1,7 +1,7 @@
 """The sparse executor's FFN chunk size (``FFN_CHUNK_BYTES``), side by side in one process against the dense twin.
 
 Each setting of the chunk size is one contender, and the dense timm model another; they take turns on every input in
-rotating order (``interleaved_medians``), after a warm-up, with the random policy reseeded per input so that every
+changing order (``interleaved_medians``), after a warm-up, with the random policy reseeded per input so that every
 setting runs the same decisions. Prints the medians, each setting's speed against unchunked, and its efficiency
 (speedup over dense / MAC ratio); writes JSON.
 

@@ -5,7 +5,7 @@ padded, masked ``scaled_dot_product_attention`` call whose shape (problems, long
 backend that builds a plan per shape is fast when the same decisions come back (as in ``adavit benchmark``, which
 reseeds the random policy per input) and slow when every batch brings new ones, as learned gates on real images do.
 Each (backend, decisions) pair is one contender, and the dense timm model another; they take turns on every input in
-rotating order after a warm-up (``interleaved_medians``). Prints medians and writes JSON.
+changing order after a warm-up (``interleaved_medians``). Prints medians and writes JSON.
 
     python benchmarks/padded_attention.py --device cuda --dtype bf16 --batch-size 256
 """

@@ -1,5 +1,6 @@
 """The speed benchmark's bookkeeping (not its timings): MACs, ratios and the JSON it writes."""
 import argparse
+import collections
 import json
 import os
 import platform
@@ -10,7 +11,8 @@ import torch
 from adavit import AdaViT
 from adavit.cli.benchmark import validation_images
 from adavit.cli.main import main
-from adavit.cost.benchmark import cpu_name, format_rows, interleaved_medians, measure_speed, pin_allocator, write_json
+from adavit.cost.benchmark import (balanced_orders, cpu_name, format_rows, interleaved_medians, measure_speed,
+                                   pin_allocator, write_json)
 from adavit.cost.macs import decision_macs, dense_macs
 from adavit.training.checkpoint import load_model
 
@@ -52,6 +54,27 @@ def test_interleaved_medians_take_turns_on_every_input_and_rotate_who_goes_first
                      ('a', 0), ('b', 0), ('b', 1), ('a', 1)]
     # per-input means of the timed rounds: a (2+2)/2 and (3+3)/2, median 2.5; b always 4
     assert med == {'a': pytest.approx(2.5), 'b': pytest.approx(4.0)}
+
+
+@pytest.mark.parametrize('n', [2, 3, 4, 5])
+def test_balanced_orders_put_every_run_everywhere_and_after_every_other_equally_often(n):
+    orders = balanced_orders(n)
+    assert len(orders) == (2 * n if n % 2 else n) and all(sorted(order) == list(range(n)) for order in orders)
+    places = collections.Counter((run, place) for order in orders for place, run in enumerate(order))
+    follows = collections.Counter(pair for order in orders for pair in zip(order, order[1:]))
+    assert set(places.values()) == {len(orders) // n} and len(places) == n * n
+    assert set(follows.values()) == {len(orders) // n} and len(follows) == n * (n - 1)
+
+
+def test_interleaved_medians_vary_who_each_run_follows():
+    """With the benchmark's four runs, each follows each of the others once per four inputs (a rotation of one order
+    would have each always follow the same one)."""
+    calls = []
+    runs = {name: (lambda name: lambda i: calls.append(name) or 1.0)(name) for name in 'abcd'}
+    interleaved_medians(runs, count=4, warmup=0, repeats=1)
+    within_inputs = [pair for k, pair in enumerate(zip(calls, calls[1:])) if k % 4 != 3]
+    assert collections.Counter(within_inputs) == collections.Counter({(a, b): 1 for a in 'abcd' for b in 'abcd'
+                                                                      if a != b})
 
 
 def test_pinned_allocator_reuses_freed_activations_without_page_faults():

@@ -433,8 +433,8 @@ def test_sparse_with_bf16_weights_matches_masked():
 
 
 def test_single_image_path_serves_plain_blocks_at_batch_one(monkeypatch):
-    """Batch 1 of a plain block runs the latency path; batches, partial deactivation, layer scale, q/k norms and autocast
-    run the batch path."""
+    """Batch 1 of a plain block runs the latency path; batches, partial deactivation, layer scale, q/k norms and
+    autocast run the batch path."""
     block = AdaViT(**TINY).eval().blocks[0]
     one, two = torch.randn(1, NUM_TOKENS, 48), torch.randn(2, NUM_TOKENS, 48)
     assert sparse._runs_single_image_path(block, one, 'full')

@@ -1,7 +1,8 @@
 """Paired speed benchmark: dense timm vs AdaViT sparse vs AdaViT masked, same weights, same inputs, one process.
 
-Timings are interleaved (the models take turns on every input batch, in rotating order) after a warm-up, and reported
-as medians of rounds, because a shared machine is noisy. The dense baseline is timm's model at its faster attention
+Timings are interleaved (the models take turns on every input batch, in an order that changes from input to input,
+so that no model always follows the same one) after a warm-up, and reported as medians of rounds, because a shared
+machine is noisy. The dense baseline is timm's model at its faster attention
 path: timm calls ``scaled_dot_product_attention`` by default, whose CPU kernel can lose to plain matmuls at short
 sequences, so both paths are timed and the faster one is the baseline (a deployer would pick it too). Decisions are
 frozen per input (the random policy is reseeded before each call), so the MACs quoted are exactly those of the timed
@@ -118,6 +119,24 @@ def timer(model: nn.Module, inputs: List[torch.Tensor], reseed: bool, device: to
     return run
 
 
+def balanced_orders(n: int) -> List[List[int]]:
+    """Orders of ``n`` runs in which each run takes every place, and follows every other run, equally often.
+
+    Rotations of one order would let every run always follow the same one (the run before it leaves its weights and
+    buffers in the caches, which helps a run that shares them and hurts one that does not); these are the rows of a
+    Williams Latin square, the standard design against such carry-over: n orders, 2n for odd n.
+    """
+    first, low, high = [0], 1, n - 1  # 0, 1, n-1, 2, n-2, ...
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    orders = [[(run + shift) % n for run in first] for shift in range(n)]
+    return orders + [order[::-1] for order in orders] if n % 2 else orders
+
+
 def interleaved_medians(
         runs: Dict[str, Callable[[int], float]],
         count: int,
@@ -127,8 +146,8 @@ def interleaved_medians(
     """Median seconds per input of each run, over ``repeats`` rounds after ``warmup`` untimed ones.
 
     A round covers inputs ``0 .. count - 1``, and the runs take turns on every input, not every round: a slow spell of
-    a shared machine then slows all of them alike, and their ratios stay put. Who goes first rotates from input to
-    input and from round to round, so no run always finds the caches warm.
+    a shared machine then slows all of them alike, and their ratios stay put. The order changes from input to input
+    and from round to round (``balanced_orders``), so that no run always goes first or always follows the same run.
 
     Args:
         runs: Name -> a closure that runs on input ``i`` and returns the seconds it took.
@@ -137,12 +156,12 @@ def interleaved_medians(
         repeats: Timed rounds.
     """
     names = list(runs)
+    orders = balanced_orders(len(names))
     times: Dict[str, List[float]] = {name: [] for name in names}
     for round_index in range(warmup + repeats):
         seconds = dict.fromkeys(names, 0.0)
         for i in range(count):
-            shift = (round_index + i) % len(names)
-            for name in names[shift:] + names[:shift]:
+            for name in (names[j] for j in orders[(round_index + i) % len(orders)]):
                 seconds[name] += runs[name](i)
         if round_index >= warmup:
             for name in names:
