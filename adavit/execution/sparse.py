@@ -716,7 +716,7 @@ def _runs_single_image_path(block: Block, x: torch.Tensor, head_mode: str) -> bo
     parts = block._modules
     attn, identity = parts['attn']._modules, torch.nn.Identity
     return (type(parts['ls1']) is identity and type(parts['ls2']) is identity and type(attn['q_norm']) is identity
-            and type(attn['k_norm']) is identity and type(parts['mlp']._modules['norm']) is identity
+            and type(attn['k_norm']) is identity and type(parts['mlp']._modules.get('norm')) is identity
             and x.dtype == attn['qkv'].weight.dtype and _compute_dtype(x) == x.dtype)
 
 
