@@ -488,6 +488,16 @@ def test_single_image_path_follows_new_weights():
     assert sparse_out.dtype == torch.float64 and torch.allclose(masked, sparse_out, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize('edge', ['', 'mixed', 'no_head'])
+def test_single_image_path_without_biases(edge):
+    """qkv, proj, fc1 and fc2 without biases (``qkv_bias=False, proj_bias=False``): plain matmuls where the biases were
+    added, and nothing at all where no head is kept."""
+    model = AdaViT(qkv_bias=False, proj_bias=False, **TINY).eval()
+    assert model.blocks[0].attn.qkv.bias is None and model.blocks[0].mlp.fc1.bias is None
+    (masked, _), (sparse_out, _) = _both(model, torch.randn(1, 3, 32, 32), _random_decisions(1, seed=8, edge=edge))
+    assert torch.allclose(masked, sparse_out, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize('dtype', [torch.bool, torch.bfloat16])
 def test_single_image_path_reads_bool_and_bf16_decisions(dtype):
     model = AdaViT(**TINY).eval()

@@ -744,7 +744,7 @@ def _single_image_block_forward(
     straight into NumPy, takes its weight slices ready-made (``_single_image_weights``) and calls the kernels directly.
     Paired against the batch path (2 threads, Intel Xeon, DeiT-S at keep 0.7/0.7/0.9, 32 inputs x 7 rounds): 1.029x
     the speed, with the same outputs bit for bit; a prototype without the checks of the weights and of the decisions'
-    type was another 1.04x faster.
+    type was another 1.02-1.04x faster.
     """
     _, N, D = x.shape
     run_msa = run_ffn = True
