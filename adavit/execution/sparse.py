@@ -672,8 +672,11 @@ def _plan_batch(
 
 
 class _SingleImageWeights(NamedTuple):
-    """The latency path's weights, ready to use (``_single_image_weights``)."""
-    head_ranges: Dict[Tuple[int, int], Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]]
+    """A block's weights as the latency path uses them (``_single_image_weights``): the slices for each contiguous range
+    of heads [a, b) made beforehand, so that no matmul on kept heads slices a weight first."""
+    qkv: Dict[Tuple[int, int], Tuple[torch.Tensor, Optional[torch.Tensor]]]  # qkv^T (D, w*3*dh): [q_a; k_a; v_a; ...]
+    proj: Dict[Tuple[int, int], torch.Tensor]  # rows of proj^T (w * dh, D)
+    fc1: Dict[Tuple[int, int], torch.Tensor]  # rows of fc1^T (w * dh, R), a view of the weight
     proj_bias: Optional[torch.Tensor]
     fc1_bias: Optional[torch.Tensor]
     fc2_t: torch.Tensor  # (R, D) view
@@ -681,12 +684,7 @@ class _SingleImageWeights(NamedTuple):
 
 
 def _single_image_weights(block: Block) -> _SingleImageWeights:
-    """The block's weights as the latency path uses them, remade whenever one changes.
-
-    ``head_ranges`` maps each contiguous range of heads [a, b) to its views of the weights: qkv^T (D, (b - a) * 3 * dh)
-    with columns [q_a; k_a; v_a; q_a+1; ...], their bias (or None), proj^T rows ((b - a) * dh, D) and fc1^T rows
-    ((b - a) * dh, R), so that the path slices nothing.
-    """
+    """The block's ``_SingleImageWeights``, remade whenever a weight changes (load_state_dict, training, ``.to``)."""
     # ``_cached``'s key, written out with dictionary lookups instead of module attributes (each a ``__getattr__``):
     # this runs once per block at batch 1. A new dtype or device is new storage, so the data pointers cover it; the
     # versions cover in-place updates of the weights that are copied (qkv, proj).
@@ -700,9 +698,14 @@ def _single_image_weights(block: Block) -> _SingleImageWeights:
         H, dh = block.attn.num_heads, block.attn.head_dim
         w_qkv, b_qkv = _head_major_qkv(attn['qkv'], H, parts=3)  # rows [q_h; k_h; v_h] per head
         proj_t, fc1_t = _transposed(attn['proj']), params[4].t()
-        ranges = {(a, b): (w_qkv[a * 3 * dh:b * 3 * dh].t(), None if b_qkv is None else b_qkv[a * 3 * dh:b * 3 * dh],
-                           proj_t[a * dh:b * dh], fc1_t[a * dh:b * dh]) for a in range(H) for b in range(a + 1, H + 1)}
-        cache = (key, _SingleImageWeights(ranges, params[3], params[5], params[6].t(), params[7]))
+        ranges = [(a, b) for a in range(H) for b in range(a + 1, H + 1)]
+        weights = _SingleImageWeights(
+            qkv={(a, b): (w_qkv[a * 3 * dh:b * 3 * dh].t(), None if b_qkv is None else b_qkv[a * 3 * dh:b * 3 * dh])
+                 for a, b in ranges},
+            proj={(a, b): proj_t[a * dh:b * dh] for a, b in ranges},
+            fc1={(a, b): fc1_t[a * dh:b * dh] for a, b in ranges},
+            proj_bias=params[3], fc1_bias=params[5], fc2_t=params[6].t(), fc2_bias=params[7])
+        cache = (key, weights)
         block.__dict__['_adavit_single_image_weights'] = cache
     return cache[1]
 
@@ -779,7 +782,7 @@ def _single_image_block_forward(
                 qkv = normed.new_empty(T, h * 3 * dh)  # (T, h, 3, dh) flattened
                 column = 0
                 for run in runs:  # one matmul per range of kept heads, into its columns
-                    w_qkv, b_qkv = weights.head_ranges[run][:2]
+                    w_qkv, b_qkv = weights.qkv[run]
                     width = w_qkv.shape[1]
                     if b_qkv is None:
                         torch.mm(normed, w_qkv, out=qkv[:, column:column + width])
@@ -793,7 +796,7 @@ def _single_image_block_forward(
                     o = _attention(q, k, v, None, dh ** -0.5).reshape(h, T, dh).transpose(0, 1).reshape(T, h * dh)
                 column = 0
                 for run in runs:  # proj on the kept heads' rows, added into the residual rows
-                    proj_t = weights.head_ranges[run][2]
+                    proj_t = weights.proj[run]
                     torch.addmm(residual, o[:, column:column + proj_t.shape[0]], proj_t, out=residual)
                     column += proj_t.shape[0]
             if weights.proj_bias is not None:  # a dropped head's output is 0: with none kept, proj gives its bias
@@ -808,7 +811,7 @@ def _single_image_block_forward(
             if not runs:  # no head's channels: fc1 gives its bias
                 hidden.copy_(bias.expand_as(hidden)) if bias is not None else hidden.zero_()
             for i, (a, b) in enumerate(runs):  # fc1 on the kept heads' channels, accumulated
-                fc1_t = weights.head_ranges[a, b][3]
+                fc1_t = weights.fc1[a, b]
                 if i == 0 and bias is not None:
                     torch.addmm(bias, normed[:, a * dh:b * dh], fc1_t, out=hidden)
                 elif i == 0:
