@@ -488,6 +488,22 @@ def test_single_image_path_follows_new_weights():
     assert sparse_out.dtype == torch.float64 and torch.allclose(masked, sparse_out, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16, torch.bool])
+def test_single_image_masks_read_in_place_as_through_one_copy(dtype):
+    """CPU decisions are read in place; on other devices one copy brings a block's decisions to the host
+    (``batch_masks``). Both readings agree, for every dtype, and say None where everything is kept."""
+    patch = torch.tensor([[1.0, 0.0, 1.0, 1.0]]).to(dtype)
+    heads = torch.tensor([[1.0, 0.0, 1.0]]).to(dtype)
+    block = torch.tensor([[0.0, 1.0]]).to(dtype)
+    for on_host in (True, False):
+        run_msa, run_ffn, kept_heads, tokens = sparse._single_image_masks(patch, heads, block, on_host=on_host)
+        assert (run_msa, run_ffn, kept_heads, tokens.tolist()) == (False, True, [True, False, True],
+                                                                   [True, False, True, True])
+        everything = sparse._single_image_masks(torch.ones(1, 4).to(dtype), torch.ones(1, 3).to(dtype), None,
+                                                on_host=on_host)
+        assert everything == (True, True, None, None)
+
+
 @pytest.mark.parametrize('edge', ['', 'mixed', 'no_head'])
 def test_single_image_path_without_biases(edge):
     """qkv, proj, fc1 and fc2 without biases (``qkv_bias=False, proj_bias=False``): plain matmuls where the biases were

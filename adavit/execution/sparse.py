@@ -723,12 +723,41 @@ def _runs_single_image_path(block: Block, x: torch.Tensor, head_mode: str) -> bo
             and x.dtype == attn['qkv'].weight.dtype and _compute_dtype(x) == x.dtype)
 
 
-def _kept_tokens(patch_keep: torch.Tensor) -> np.ndarray:
-    """Image 0's token decisions (1, N) as a NumPy bool array (N,)."""
-    if patch_keep.device.type == 'cpu' and patch_keep.dtype in (torch.float32, torch.bool):
-        row = patch_keep.numpy()[0]
-        return row if row.dtype == np.bool_ else row > 0.5
-    return (patch_keep[0] > 0.5).cpu().numpy()
+def _single_image_masks(
+        patch_keep: Optional[torch.Tensor],
+        head_keep: Optional[torch.Tensor],
+        block_keep: Optional[torch.Tensor],
+        on_host: bool,
+) -> Tuple[bool, bool, Optional[List[bool]], Optional[np.ndarray]]:
+    """One image's decisions (``sparse_block_forward``'s, B = 1) on the host.
+
+    Args:
+        on_host: Whether the decisions are CPU tensors, read in place. Otherwise one device-to-host copy brings all of
+            them (``batch_masks``), so that a GPU waits once per block.
+
+    Returns:
+        (runs the MSA, runs the FFN, kept heads (H,) or None for all, kept tokens (N,) bool or None for all).
+    """
+    if not on_host:
+        tokens, heads, run_msa, run_ffn = batch_masks(patch_keep, head_keep, block_keep)
+        return (run_msa is None or bool(run_msa[0]), run_ffn is None or bool(run_ffn[0]),
+                None if heads is None else heads[0].tolist(), None if tokens is None else tokens[0])
+    run_msa = run_ffn = True
+    if block_keep is not None:
+        run_msa, run_ffn = (v > 0.5 for v in block_keep[0].tolist())
+    heads = None
+    if head_keep is not None:
+        heads = [v > 0.5 for v in head_keep[0].tolist()]
+        heads = None if all(heads) else heads
+    tokens = None
+    if patch_keep is not None:
+        if patch_keep.dtype in (torch.float32, torch.bool):  # NumPy reads these in place
+            tokens = patch_keep.numpy()[0]
+            tokens = tokens if tokens.dtype == np.bool_ else tokens > 0.5
+        else:
+            tokens = (patch_keep[0] > 0.5).numpy()
+        tokens = None if tokens.all() else tokens
+    return run_msa, run_ffn, heads, tokens
 
 
 def _single_image_block_forward(
@@ -750,23 +779,16 @@ def _single_image_block_forward(
     type was another 1.02-1.04x faster.
     """
     _, N, D = x.shape
-    run_msa = run_ffn = True
-    if block_keep is not None:
-        run_msa, run_ffn = (v > 0.5 for v in block_keep[0].tolist())
-        if not (run_msa or run_ffn):
-            return x
+    on_cpu = x.device.type == 'cpu'  # and so are the decisions, which the model makes where x is
+    run_msa, run_ffn, heads, tokens = _single_image_masks(patch_keep, head_keep, block_keep, on_host=on_cpu)
+    if not (run_msa or run_ffn):
+        return x
     attn, mlp = block.attn, block.mlp
-    runs = None  # kept heads as ranges, None for all
-    if head_keep is not None:
-        kept = [v > 0.5 for v in head_keep[0].tolist()]
-        if not all(kept):
-            runs = head_runs(sum(1 << h for h, k in enumerate(kept) if k), len(kept))
-    rows = None  # kept tokens, None for all
-    if patch_keep is not None:
-        tokens = _kept_tokens(patch_keep)
-        if not tokens.all():
-            rows = torch.from_numpy(np.flatnonzero(tokens))  # (T,)
-            rows = rows if x.device.type == 'cpu' else rows.to(x.device)
+    # kept heads as ranges, kept tokens as rows; None for all
+    runs = None if heads is None else head_runs(sum(1 << h for h, k in enumerate(heads) if k), len(heads))
+    rows = None if tokens is None else torch.from_numpy(np.flatnonzero(tokens))  # (T,)
+    if rows is not None and not on_cpu:
+        rows = rows.to(x.device)
     flat = x.view(N, D)
     residual = flat if rows is None else flat.index_select(0, rows)  # (T, D): updated in place, then written back
     T = residual.shape[0]
