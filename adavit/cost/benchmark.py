@@ -1,12 +1,11 @@
 """Paired speed benchmark: dense timm vs AdaViT sparse vs AdaViT masked, same weights, same inputs, one process.
 
-Timings are interleaved (the models take turns on every input batch, in an order that changes from input to input,
-so that no model always follows the same one) after a warm-up, and reported as medians of rounds, because a shared
-machine is noisy. The dense baseline is timm's model at its faster attention
-path: timm calls ``scaled_dot_product_attention`` by default, whose CPU kernel can lose to plain matmuls at short
-sequences, so both paths are timed and the faster one is the baseline (a deployer would pick it too). Decisions are
-frozen per input (the random policy is reseeded before each call), so the MACs quoted are exactly those of the timed
-runs.
+Timings are interleaved (the models take turns on every input batch, in an order that changes from input to input, so
+that no model always follows the same one) after a warm-up, and reported as medians of rounds, because a shared machine
+is noisy. The dense baseline is timm's model at its faster attention path: timm calls ``scaled_dot_product_attention``
+by default, whose CPU kernel can lose to plain matmuls at short sequences, so both paths are timed and the faster one is
+the baseline (a deployer would pick it too). Decisions are frozen per input (the random policy is reseeded before each
+call), so the MACs quoted are exactly those of the timed runs.
 
 On CPU the benchmark first pins glibc's allocator (``pin_allocator``). By default glibc hands large blocks back to the
 kernel when they are freed, so a model whose intermediates are large pays page faults on every call, and how many
