@@ -22,7 +22,7 @@ This is the plan for CPUs. On other devices (GPUs), where a kernel launch costs 
 work, ``sparse_accelerator.py``'s plan of a few launches per block runs instead (``HEAD_GROUPED_DEVICES``).
 """
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -138,12 +138,15 @@ def pack_tokens(
 def _cached(
         module: torch.nn.Module,
         name: str,
-        make: Callable[[], Tuple[torch.Tensor, ...]],
-) -> Tuple[torch.Tensor, ...]:
-    """A re-laid-out copy of ``module``'s weights, remade whenever a weight changes (load_state_dict, training)."""
+        make: Callable[[], Any],
+        params: Optional[Sequence[Optional[torch.Tensor]]] = None,
+) -> Any:
+    """What ``make`` returns (re-laid-out weights), kept on ``module`` and remade whenever one of ``params`` (default:
+    ``module``'s own) changes: load_state_dict, training, ``.to``."""
     # ``_parameters`` directly: ``parameters()`` walks a generator chain that costs more than the key itself, and this
     # runs several times per block at batch 1.
-    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in module._parameters.values() if p is not None)
+    params = module._parameters.values() if params is None else params
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params if p is not None)
     cache = module.__dict__.get(name)
     if cache is None or cache[0] != key:
         with torch.no_grad():
@@ -613,16 +616,22 @@ def _copy_rows(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> Non
     x.index_copy_(0, rows, values)
 
 
-def _host_masks(*decisions: Optional[torch.Tensor]) -> List[Optional[np.ndarray]]:
-    """``t > 0.5`` of each decision tensor (or None) as a NumPy bool array.
+def _as_mask(decisions: torch.Tensor) -> np.ndarray:
+    """``decisions > 0.5`` of a CPU tensor as a NumPy bool array. NumPy compares fp32 and fp64 tensors in place and
+    takes bool ones as they are: at a few hundred decisions a torch op costs several times as much."""
+    if decisions.dtype == torch.bool:
+        return decisions.numpy()
+    if decisions.dtype in (torch.float32, torch.float64):
+        return decisions.detach().numpy() > 0.5
+    return (decisions > 0.5).numpy()
 
-    On a CPU, NumPy compares fp32 and fp64 tensors in place (and takes bool ones as they are): at a few hundred
-    decisions a torch op costs several times as much. Otherwise one device-to-host copy serves them all (one sync per
-    block on a GPU).
-    """
+
+def _host_masks(*decisions: Optional[torch.Tensor]) -> List[Optional[np.ndarray]]:
+    """``t > 0.5`` of each decision tensor (or None) as a NumPy bool array: on a CPU by ``_as_mask``, otherwise by one
+    device-to-host copy that serves them all (one sync per block on a GPU)."""
     present = [t for t in decisions if t is not None]
-    if all(t.device.type == 'cpu' and t.dtype in (torch.float32, torch.float64, torch.bool) for t in present):
-        masks = iter(t.numpy() if t.dtype == torch.bool else t.detach().numpy() > 0.5 for t in present)
+    if all(t.device.type == 'cpu' for t in present):
+        masks = iter(_as_mask(t) for t in present)
     else:
         flat = torch.cat([t.reshape(-1) for t in present]).gt(0.5).cpu().numpy()
         parts = np.split(flat, np.cumsum([t.numel() for t in present])[:-1])
@@ -685,29 +694,25 @@ class _SingleImageWeights(NamedTuple):
 
 def _single_image_weights(block: Block) -> _SingleImageWeights:
     """The block's ``_SingleImageWeights``, remade whenever a weight changes (load_state_dict, training, ``.to``)."""
-    # ``_cached``'s key, written out with dictionary lookups instead of module attributes (each a ``__getattr__``):
-    # this runs once per block at batch 1. A new dtype or device is new storage, so the data pointers cover it; the
-    # versions cover in-place updates of the weights that are copied (qkv, proj).
+    # The weights by dictionary lookups instead of module attributes (each a ``__getattr__``): this runs once per block
+    # at batch 1.
     parts = block._modules
     attn, mlp = parts['attn']._modules, parts['mlp']._modules
     params = [m._parameters[name] for m in (attn['qkv'], attn['proj'], mlp['fc1'], mlp['fc2'])
               for name in ('weight', 'bias')]
-    key = tuple(None if p is None else (p.data_ptr(), p._version) for p in params)
-    cache = block.__dict__.get('_adavit_single_image_weights')
-    if cache is None or cache[0] != key:
+
+    def make():
         H, dh = block.attn.num_heads, block.attn.head_dim
         w_qkv, b_qkv = _head_major_qkv(attn['qkv'], H, parts=3)  # rows [q_h; k_h; v_h] per head
         proj_t, fc1_t = _transposed(attn['proj']), params[4].t()
         ranges = [(a, b) for a in range(H) for b in range(a + 1, H + 1)]
-        weights = _SingleImageWeights(
+        return _SingleImageWeights(
             qkv={(a, b): (w_qkv[a * 3 * dh:b * 3 * dh].t(), None if b_qkv is None else b_qkv[a * 3 * dh:b * 3 * dh])
                  for a, b in ranges},
             proj={(a, b): proj_t[a * dh:b * dh] for a, b in ranges},
             fc1={(a, b): fc1_t[a * dh:b * dh] for a, b in ranges},
             proj_bias=params[3], fc1_bias=params[5], fc2_t=params[6].t(), fc2_bias=params[7])
-        cache = (key, weights)
-        block.__dict__['_adavit_single_image_weights'] = cache
-    return cache[1]
+    return _cached(block, '_adavit_single_image_weights', make, params)
 
 
 def _runs_single_image_path(block: Block, x: torch.Tensor, head_mode: str) -> bool:
@@ -749,14 +754,8 @@ def _single_image_masks(
     if head_keep is not None:
         heads = [v > 0.5 for v in head_keep[0].tolist()]
         heads = None if all(heads) else heads
-    tokens = None
-    if patch_keep is not None:
-        if patch_keep.dtype in (torch.float32, torch.bool):  # NumPy reads these in place
-            tokens = patch_keep.numpy()[0]
-            tokens = tokens if tokens.dtype == np.bool_ else tokens > 0.5
-        else:
-            tokens = (patch_keep[0] > 0.5).numpy()
-        tokens = None if tokens.all() else tokens
+    tokens = None if patch_keep is None else _as_mask(patch_keep)[0]
+    tokens = None if tokens is None or tokens.all() else tokens
     return run_msa, run_ffn, heads, tokens
 
 
