@@ -801,6 +801,8 @@ def _single_image_block_forward(
             h = sum(b - a for a, b in runs)
             if h:
                 qkv = normed.new_empty(T, h * 3 * dh)  # (T, h, 3, dh) flattened
+                # The loops below do what ``_qkv_into`` and ``_kept_heads_matmul_into`` do, written out: calling those
+                # helpers here, with these views, measured 0.979x the speed at batch 1 (paired, DeiT-S, 2 threads).
                 column = 0
                 for run in runs:  # one matmul per range of kept heads, into its columns
                     w_qkv, b_qkv = weights.qkv[run]
