@@ -526,3 +526,41 @@ def test_single_image_path_reads_bool_and_bf16_decisions(dtype):
     (masked, _), (sparse_out, _) = _both(model, x, decisions)
     tolerance = 1e-4 if dtype == torch.bool else 0.05
     assert torch.allclose(masked.float(), sparse_out.float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize('batch,accelerator', [(5, False), (1, False), (5, True)])
+def test_without_x_normed_each_sub_block_norms_only_its_rows(monkeypatch, batch, accelerator):
+    """``x_normed=None``: norm1 of the kept rows alone gives what gathering them from norm1 of every token gives, on the
+    batch path, the latency path and the accelerator plan."""
+    if accelerator:
+        monkeypatch.setattr(sparse, 'HEAD_GROUPED_DEVICES', set())
+    block = AdaViT(**TINY).eval().blocks[1]
+    decisions = _random_decisions(batch, seed=6, edge='mixed' if batch > 1 else '')
+    x = torch.randn(batch, NUM_TOKENS, 48)
+    with torch.no_grad():
+        args = decisions.patch[:, 1], decisions.head[:, 1], decisions.block[:, 1]
+        given = sparse.sparse_block_forward(block, x.clone(), block.norm1(x), *args)
+        lazy = sparse.sparse_block_forward(block, x.clone(), None, *args)
+    assert torch.equal(given, lazy)
+
+
+@pytest.mark.parametrize('policy', ['learned', 'random'])
+def test_model_norms_every_token_only_for_the_patch_gate(monkeypatch, policy):
+    """The learned patch gate reads norm1 of every token; random or given decisions leave the norm to the sparse
+    executor (``x_normed=None``)."""
+    import adavit.model.adavit as model_module
+    seen = []
+    forward = model_module.sparse_block_forward
+    def spy(blk, x, x_normed, *args):
+        seen.append(x_normed is None)
+        return forward(blk, x, x_normed, *args)
+
+    monkeypatch.setattr(model_module, 'sparse_block_forward', spy)
+    model = AdaViT(policy=policy, **TINY).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        assert seen == [policy == 'random'] * TINY['depth']
+        seen.clear()
+        model(x, decisions=_random_decisions(2, seed=1))
+        assert seen == [True] * TINY['depth']

@@ -16,8 +16,9 @@ from test_sparse import TINY, _both, _random_decisions
 
 @pytest.fixture
 def accelerator_plan(monkeypatch):
-    """Every device runs the accelerator plan, the CPU too."""
+    """Every device runs the accelerator plan, the CPU too, and at batch 1 too (not the latency path)."""
     monkeypatch.setattr(sparse, 'HEAD_GROUPED_DEVICES', set())
+    monkeypatch.setattr(sparse, '_runs_single_image_path', lambda *args: False)
 
 
 @pytest.mark.parametrize('head_mode,patch_policy', list(itertools.product(['full', 'partial'], ['token', 'cls'])))
@@ -127,3 +128,30 @@ def test_the_cpu_groups_heads_and_other_devices_run_the_accelerator_plan(monkeyp
     assert sparse.runs_accelerator_plan(torch.device('cuda')) and sparse.runs_accelerator_plan(torch.device('mps'))
     monkeypatch.setattr(sparse, 'HEAD_GROUPED_DEVICES', {'cpu', 'cuda'})  # the CPU plan back on a GPU
     assert not sparse.runs_accelerator_plan(torch.device('cuda', 0))
+
+
+def test_batch_one_takes_the_latency_path_on_accelerators_too(monkeypatch):
+    """A plain block at batch 1 runs the latency path whatever the device; larger batches the accelerator plan."""
+    monkeypatch.setattr(sparse, 'HEAD_GROUPED_DEVICES', set())
+    calls = []
+    latency = sparse._single_image_block_forward
+    monkeypatch.setattr(sparse, '_single_image_block_forward', lambda *args: calls.append('latency') or latency(*args))
+    plan = sparse_accelerator.accelerator_block_forward
+    monkeypatch.setattr(sparse_accelerator, 'accelerator_block_forward',
+                        lambda *args: calls.append('accelerator') or plan(*args))
+    model = AdaViT(**TINY).eval()
+    for batch in (1, 3):
+        calls.clear()
+        decisions = _random_decisions(batch, seed=2, edge='mixed')
+        (masked, _), (out, _) = _both(model, torch.randn(batch, 3, 32, 32), decisions)
+        assert calls == ['latency' if batch == 1 else 'accelerator'] * TINY['depth']
+        assert torch.allclose(masked, out, atol=1e-4, rtol=0)
+
+
+def test_index_tensor_concatenates_and_shares_on_the_cpu():
+    rows = np.array([3, 1, 4], dtype=np.int64)
+    one = sparse.index_tensor([rows], torch.device('cpu'))
+    assert one.tolist() == [3, 1, 4] and one.dtype == torch.int64 and one.data_ptr() == rows.ctypes.data
+    both = sparse.index_tensor([rows, np.array([5, 9], dtype=np.int64)], torch.device('cpu'))
+    assert both.tolist() == [3, 1, 4, 5, 9]
+    assert sparse.index_tensor([], torch.device('cpu')) is None

@@ -19,7 +19,8 @@ The output equals the masked reference (``masked.py``) up to float rounding: a d
 multiplied by 0 there, so it passes through unchanged, and a kept query only ever sees kept keys.
 
 This is the plan for CPUs. On other devices (GPUs), where a kernel launch costs the host more than a small matmul's
-work, ``sparse_accelerator.py``'s plan of a few launches per block runs instead (``HEAD_GROUPED_DEVICES``).
+work, batches run ``sparse_accelerator.py``'s plan of a few launches per block instead (``HEAD_GROUPED_DEVICES``); a
+single image takes the latency path there too.
 """
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -467,19 +468,16 @@ def _attend(qkv: torch.Tensor, groups: List[Tuple[int, int, List[int]]]) -> torc
 
 def _msa(
         block: Block,
-        x_normed: torch.Tensor,
+        tokens: torch.Tensor,
         packing: Packing,
         head_mode: str,
         into: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """MSA outputs (before ``ls1``) of the packed rows, (T, D): added to ``into`` and ``into`` returned, where given
-    and the path allows it (the caller adds what comes back otherwise)."""
+    """MSA outputs (before ``ls1``) of the packed, normed rows ``tokens`` (T, D): added to ``into`` and ``into``
+    returned, where given and the path allows it (the caller adds what comes back otherwise)."""
     attn = block.attn
-    D = x_normed.shape[-1]
+    D = tokens.shape[-1]
     H, dh = attn.num_heads, attn.head_dim
-    tokens = x_normed.reshape(-1, D)
-    if packing.rows is not None:
-        tokens = tokens.index_select(0, packing.rows)  # (T, D)
     first = packing.groups[0]
     if len(packing.groups) == 1 and first.head_runs is None and max(first.counts) * len(first.counts) == len(tokens):
         # every head, images of equal token counts: timm's own attention module, on (n, L, D)
@@ -603,6 +601,20 @@ def _activate(act: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return act(hidden)
 
 
+def normed_rows(
+        block: Block,
+        x_normed: Optional[torch.Tensor],
+        residual: torch.Tensor,
+        rows: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``norm1`` of a sub-block's packed rows (T, D): the ``rows`` of ``x_normed`` where the model has normed every
+    token (for its patch gate), else ``block.norm1`` of ``residual``, those rows of the stream, alone."""
+    if x_normed is None:
+        return block.norm1(residual)
+    flat = x_normed.reshape(-1, x_normed.shape[-1])
+    return flat if rows is None else flat.index_select(0, rows)
+
+
 def _copy_rows(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
     """``x[rows] = values`` for (R, D) ``x`` and (T, D) ``values``, in place.
 
@@ -614,6 +626,21 @@ def _copy_rows(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> Non
             and (x.shape[1] * x.element_size()) % 16 == 0:
         x, values = x.view(torch.complex128), values.view(torch.complex128)
     x.index_copy_(0, rows, values)
+
+
+def index_tensor(pieces: List[np.ndarray], device: torch.device) -> Optional[torch.Tensor]:
+    """NumPy int64 index arrays, concatenated, as one tensor on ``device`` (None for none): shared with NumPy on the
+    CPU, elsewhere one copy that does not wait for the device."""
+    if not pieces:
+        return None
+    if device.type == 'cpu':
+        return torch.from_numpy(pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
+    # From pageable memory the copy would wait for the stream to drain; from pinned memory it is queued behind it.
+    # torch's caching host allocator keeps the pinned block until the copy has run.
+    pinned = device.type == 'cuda'
+    host = torch.empty(sum(p.size for p in pieces), dtype=torch.int64, pin_memory=pinned)
+    np.concatenate(pieces, out=host.numpy())
+    return host.to(device, non_blocking=pinned)
 
 
 def _as_mask(decisions: torch.Tensor) -> np.ndarray:
@@ -762,7 +789,7 @@ def _single_image_masks(
 def _single_image_block_forward(
         block: Block,
         x: torch.Tensor,
-        x_normed: torch.Tensor,
+        x_normed: Optional[torch.Tensor],
         patch_keep: Optional[torch.Tensor],
         head_keep: Optional[torch.Tensor],
         block_keep: Optional[torch.Tensor],
@@ -785,16 +812,14 @@ def _single_image_block_forward(
     attn, mlp = block.attn, block.mlp
     # kept heads as ranges, kept tokens as rows; None for all
     runs = None if heads is None else head_runs(sum(1 << h for h, k in enumerate(heads) if k), len(heads))
-    rows = None if tokens is None else torch.from_numpy(np.flatnonzero(tokens))  # (T,)
-    if rows is not None and not on_cpu:
-        rows = rows.to(x.device)
+    rows = None if tokens is None else index_tensor([np.flatnonzero(tokens)], x.device)  # (T,)
     flat = x.view(N, D)
     residual = flat if rows is None else flat.index_select(0, rows)  # (T, D): updated in place, then written back
     T = residual.shape[0]
     weights = None if runs is None else _single_image_weights(block)
     dh = attn.head_dim
     if run_msa:
-        normed = x_normed.view(N, D) if rows is None else x_normed.view(N, D).index_select(0, rows)  # (T, D)
+        normed = normed_rows(block, x_normed, residual, rows)  # (T, D)
         if runs is None:
             residual += attn(normed.view(1, T, D)).view(T, D)  # every head: timm's own module
         else:
@@ -863,7 +888,7 @@ def runs_accelerator_plan(device: torch.device) -> bool:
 def sparse_block_forward(
         block: Block,
         x: torch.Tensor,
-        x_normed: torch.Tensor,
+        x_normed: Optional[torch.Tensor],
         patch_keep: Optional[torch.Tensor],
         head_keep: Optional[torch.Tensor],
         block_keep: Optional[torch.Tensor],
@@ -876,7 +901,8 @@ def sparse_block_forward(
     Args:
         block: The timm block, in eval mode.
         x: Block input, (B, N, D); updated in place.
-        x_normed: ``block.norm1(x)``.
+        x_normed: ``block.norm1(x)``, where the model computed it (for the patch gate), or None: each sub-block then
+            norms only the rows it keeps.
         patch_keep: (B, N) token decisions, or None.
         head_keep: (B, H) head decisions, or None.
         block_keep: (B, 2) [MSA, FFN] decisions, or None.
@@ -885,11 +911,13 @@ def sparse_block_forward(
     Returns:
         Block output, (B, N, D).
     """
+    # At batch 1 the latency path runs on every device: on an H200 in bf16 it took 6.9 ms a DeiT-S forward against the
+    # accelerator plan's 11.6 (198 kernel launches against 309; keep 0.7/0.7/0.9, paired).
+    if _runs_single_image_path(block, x, head_mode):
+        return _single_image_block_forward(block, x, x_normed, patch_keep, head_keep, block_keep)
     if runs_accelerator_plan(x.device):
         from .sparse_accelerator import accelerator_block_forward  # it builds on this module's helpers
         return accelerator_block_forward(block, x, x_normed, patch_keep, head_keep, block_keep, head_mode)
-    if _runs_single_image_path(block, x, head_mode):
-        return _single_image_block_forward(block, x, x_normed, patch_keep, head_keep, block_keep)
     B, N, _ = x.shape
     msa_packing, ffn_packing = _plan_batch(patch_keep, head_keep, block_keep, N, B, head_mode)
     flat = x.view(B * N, -1)
@@ -903,7 +931,7 @@ def sparse_block_forward(
     if msa_packing is not None:
         residual = flat if msa_packing.rows is None else flat.index_select(0, msa_packing.rows)  # (T, D)
         into = residual if plain and isinstance(block.ls1, torch.nn.Identity) else None
-        out = _msa(block, x_normed, msa_packing, head_mode, into)
+        out = _msa(block, normed_rows(block, x_normed, residual, msa_packing.rows), msa_packing, head_mode, into)
         if out is not residual:
             residual += block.ls1(out).to(x.dtype)
         if msa_packing.rows is not None and not shared:

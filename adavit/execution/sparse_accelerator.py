@@ -2,8 +2,9 @@
 
 A GPU kernel launch costs the host about 10 us, more than most of the small GEMMs that grouping images by head pattern
 makes (``sparse.py``, the CPU plan): at DeiT-S batch 256 that plan launched 4,852 kernels per forward and ran 22 times
-slower than the dense model (H200, bf16). Here a block launches about thirty kernels, whatever the batch (382 per
-forward at batch 256):
+slower than the dense model (H200, bf16). Here a block launches about thirty kernels, whatever the batch (370 per
+forward at batch 256, keep 0.7/0.7/0.9). A single image takes the latency path (``sparse.py``) instead, on every device:
+it has fewer launches still.
 
 * a sub-block gathers the kept tokens of the images that run it into one (T, D) matrix, runs each of timm's layers on
   it as one kernel, adds its output to those residual rows and writes them back (once for both sub-blocks when the
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .sparse import _copy_rows, _head_major_qkv, batch_masks
+from .sparse import _copy_rows, _head_major_qkv, batch_masks, index_tensor, normed_rows
 
 
 @dataclass
@@ -117,7 +118,7 @@ def _attention_plan(plan: SubBlockPlan, num_heads: int, pieces: List[np.ndarray]
 def accelerator_block_forward(
         block: Block,
         x: torch.Tensor,
-        x_normed: torch.Tensor,
+        x_normed: Optional[torch.Tensor],
         patch_keep: Optional[torch.Tensor],
         head_keep: Optional[torch.Tensor],
         block_keep: Optional[torch.Tensor],
@@ -144,15 +145,14 @@ def accelerator_block_forward(
     ffn_kept = None
     if ffn is not None and ffn.heads is not None:  # each image's kept heads, and its token count to repeat them by
         ffn_kept = (_append(pieces, ffn.heads), _append(pieces, ffn.counts))
-    index = _to_device(pieces, x.device)
+    index = index_tensor(pieces, x.device)
 
     flat = x.view(B * N, D)
     residual = rows = None
     if msa is not None:
         rows = None if msa.rows is None else index[msa.rows]
         residual = flat if rows is None else flat.index_select(0, rows)  # (T, D)
-        normed = x_normed.reshape(B * N, D)
-        normed = normed if rows is None else normed.index_select(0, rows)  # (T, D)
+        normed = normed_rows(block, x_normed, residual, rows)  # (T, D)
         residual += _apply(block.ls1, _msa(block, normed, msa, attention, index, head_mode)).to(residual.dtype)
         if rows is not None and not shared:  # shared rows are written back after the FFN
             _copy_rows(flat, rows, residual)
@@ -179,19 +179,6 @@ def _apply(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _is_plain_batch(plan: SubBlockPlan) -> bool:
     """Every head of images with equal token counts: timm's own attention runs it, on (n, L, D)."""
     return plan.heads is None and bool((plan.counts == plan.counts[0]).all())
-
-
-def _to_device(pieces: List[np.ndarray], device: torch.device) -> Optional[torch.Tensor]:
-    """The block's index arrays, concatenated, on ``device`` in one copy that does not wait for the device."""
-    if not pieces:
-        return None
-    if device.type != 'cuda':
-        return torch.from_numpy(np.concatenate(pieces)).to(device)
-    # From pageable memory the copy would wait for the stream to drain; from pinned memory it is queued behind it.
-    # torch's caching host allocator keeps the pinned block until the copy has run.
-    host = torch.empty(sum(p.size for p in pieces), dtype=torch.int64, pin_memory=True)
-    np.concatenate(pieces, out=host.numpy())
-    return host.to(device, non_blocking=True)
 
 
 _POSITIONS = {}  # device -> arange(n) on it: a slice of it is one launch less per block

@@ -313,12 +313,14 @@ class AdaViT(VisionTransformer):
         if decisions is None and self.policy == 'random' and not self.training:
             drawn = self._random_decisions(x, on_host=sparse and runs_accelerator_plan(x.device))
         for i, blk in enumerate(self.blocks):
-            x_normed = blk.norm1(x)
+            bd = None
             if decisions is not None:
                 bd = BlockDecisions(decisions.patch[:, i], decisions.head[:, i], decisions.block[:, i])
             elif drawn is not None:
                 bd = drawn[i]
-            else:
+            # The patch gate reads norm1 of every token. Without it, the sparse executor norms only the rows it keeps.
+            x_normed = blk.norm1(x) if bd is None or not sparse else None
+            if bd is None:
                 bd = self.block_decisions(i, x, x_normed)
             if sparse:
                 x = sparse_block_forward(blk, x, x_normed, bd.patch, bd.head, bd.block, self.head_mode)
