@@ -9,9 +9,9 @@ import torch
 
 from adavit import AdaViT, Decisions
 from adavit.execution import sparse, sparse_accelerator
-from adavit.execution.sparse_accelerator import PAD_TO, _attention_plan, _kept_rows, _sub_block
+from adavit.execution.sparse_accelerator import PAD_TO, _attention_plan, _kept_rows, _packed_attention_plan, _sub_block
 
-from test_sparse import TINY, _both, _random_decisions
+from test_sparse import NUM_TOKENS, TINY, _both, _random_decisions
 
 
 @pytest.fixture
@@ -155,3 +155,57 @@ def test_index_tensor_concatenates_and_shares_on_the_cpu():
     both = sparse.index_tensor([rows, np.array([5, 9], dtype=np.int64)], torch.device('cpu'))
     assert both.tolist() == [3, 1, 4, 5, 9]
     assert sparse.index_tensor([], torch.device('cpu')) is None
+
+
+def _reference_packed_attention(q, k, v, bounds, length, scale):
+    """``packed_attention``'s contract on any device: (T, H, dh) packed images, image i in rows bounds[i]:bounds[i + 1],
+    each attending over its own tokens."""
+    assert bounds.dtype == torch.int32
+    bounds = bounds.tolist()
+    assert length == max(b - a for a, b in zip(bounds, bounds[1:]))
+    out = torch.empty_like(q)
+    for a, b in zip(bounds, bounds[1:]):
+        q_i, k_i, v_i = (t[a:b].transpose(0, 1) for t in (q, k, v))  # (H, L, dh)
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(q_i, k_i, v_i, scale=scale).transpose(0, 1)
+    return out
+
+
+@pytest.fixture
+def packed_attention(accelerator_plan, monkeypatch):
+    """The accelerator plan with attention over packed images, as on a GPU, by a reference ``packed_attention``."""
+    monkeypatch.setattr(sparse_accelerator, 'packed_attention', _reference_packed_attention)
+    monkeypatch.setattr(sparse_accelerator, '_runs_packed_attention', lambda block, x: True)
+
+
+@pytest.mark.parametrize('head_mode', ['full', 'partial'])
+@pytest.mark.parametrize('batch', [1, 9])
+def test_packed_attention_matches_masked(packed_attention, head_mode, batch):
+    model = AdaViT(head_mode=head_mode, qk_norm=True, **TINY).eval()
+    for seed, edge in enumerate(['', 'mixed', 'all_skipped', 'no_patch', 'no_head']):
+        decisions = _random_decisions(batch, seed=seed, edge=edge)
+        (masked, _), (out, _) = _both(model, torch.randn(batch, 3, 32, 32), decisions)
+        assert torch.allclose(masked, out, atol=1e-4, rtol=0), (edge, (masked - out).abs().max())
+
+
+def test_packed_attention_plan_bounds_each_image():
+    tokens = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 1]], dtype=bool)
+    heads = np.array([[1, 1, 1], [0, 1, 0], [1, 0, 1]], dtype=bool)
+    pieces = []
+    msa = _sub_block(np.array([True, False, True]), _kept_rows(tokens), heads, 3, 4, pieces)
+    plan = _packed_attention_plan(msa, pieces)
+    assert np.concatenate(pieces)[plan.bounds].tolist() == [0, 3, 5] and plan.length == 3
+
+
+def test_head_rows_give_each_packed_row_its_images_kept_heads():
+    kept_heads = torch.tensor([[1, 0], [0, 1], [1, 1]])  # (B, H)
+    rows = torch.tensor([0, 2, 4, 5, 7])  # of the (B * N) stream, N = 3
+    first, second, third = [1, 0], [0, 1], [1, 1]
+    some_rows = sparse_accelerator._head_rows(kept_heads, rows, 3).squeeze(2).tolist()
+    assert some_rows == [first] * 2 + [second] * 2 + [third]
+    every_row = sparse_accelerator._head_rows(kept_heads, None, 2).squeeze(2).tolist()
+    assert every_row == [first] * 2 + [second] * 2 + [third] * 2
+
+
+def test_packed_attention_only_where_the_flash_kernel_runs():
+    block = AdaViT(**TINY).eval().blocks[0]
+    assert not sparse_accelerator._runs_packed_attention(block, torch.zeros(2, NUM_TOKENS, 48))  # CPU

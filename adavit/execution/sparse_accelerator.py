@@ -2,36 +2,43 @@
 
 A GPU kernel launch costs the host about 10 us, more than most of the small GEMMs that grouping images by head pattern
 makes (``sparse.py``, the CPU plan): at DeiT-S batch 256 that plan launched 4,852 kernels per forward and ran 22 times
-slower than the dense model (H200, bf16). Here a block launches about thirty kernels, whatever the batch (370 per
+slower than the dense model (H200, bf16). Here a block launches about twenty kernels, whatever the batch (250 per
 forward at batch 256, keep 0.7/0.7/0.9). A single image takes the latency path (``sparse.py``) instead, on every device:
 it has fewer launches still.
 
 * a sub-block gathers the kept tokens of the images that run it into one (T, D) matrix, runs each of timm's layers on
   it as one kernel, adds its output to those residual rows and writes them back (once for both sub-blocks when the
   same images run them). Not ``index_add_``: its atomic adds took 100 us per DeiT-S block at batch 256 in bf16, a plain
-  row copy a fraction of that;
-* q, k, v are computed for every head of a kept token, in one GEMM; attention runs only for the kept (image, head)
-  pairs, each over its image's kept tokens, in one ``scaled_dot_product_attention`` call padded to the longest image;
-  a dropped head's output is then zero (full deactivation) or its values (partial) before proj, and (full) its
-  channels are zeroed before fc1. So a dropped head's share of the qkv, proj and fc1 GEMMs is computed, not skipped:
-  to skip it, each head would need its own copy of its images' rows, which moves more bytes than the GEMM time saved;
+  row copy a fraction of that. The linears run by ``addmm`` (``_linear``), whose host cost does not grow when T is new;
+* q, k, v are computed for every head of a kept token, in one GEMM. On a GPU in bf16 or fp16, attention then runs
+  over each image's packed rows, every head, in one flash-attention call (``packed_attention``: no padding, no
+  gather), and a dropped head's output is zeroed (full deactivation) or replaced by its values (partial). Elsewhere it
+  runs only for the kept (image, head) pairs, gathered and padded to the longest image, in one masked
+  ``scaled_dot_product_attention`` call. Full deactivation also zeroes a dropped head's channels before fc1. So a
+  dropped head's share of the qkv, proj and fc1 GEMMs (and, packed, of attention) is computed, not skipped: to skip
+  it, each head would need its own copy of its images' rows, which moves more bytes than the GEMM time saved;
 * the plan is made on the host, in NumPy, and reaches the device as one small index array (rows, and a few numbers per
-  image and per attention problem; the padded layout is computed on the device) copied from pinned memory without
-  waiting: decisions already on the host (the random policy's) cost no sync, so the host runs ahead of the device;
-  decisions made on the device cost one sync per block.
+  image) copied from pinned memory without waiting: decisions already on the host (the random policy's) cost no sync,
+  so the host runs ahead of the device; decisions made on the device cost one sync per block.
 
 The output equals the masked reference (``masked.py``) up to float rounding, as the CPU plan's does.
 """
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .sparse import _copy_rows, _head_major_qkv, batch_masks, index_tensor, normed_rows
+try:  # flash attention over packed sequences of different lengths (PyTorch 2.9 and later, CUDA)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+from .sparse import _activate, _compute_dtype, _copy_rows, _head_major_qkv, batch_masks, index_tensor, normed_rows
 
 
 @dataclass
@@ -115,6 +122,42 @@ def _attention_plan(plan: SubBlockPlan, num_heads: int, pieces: List[np.ndarray]
                          _append(pieces, counts), int(counts.size), length)
 
 
+@dataclass
+class PackedAttentionPlan:
+    """An MSA's attention as packed sequences, one per image (``packed_attention``), as an offset into the block's index
+    array."""
+    bounds: slice  # (n + 1,) cumulative token counts: image i's packed rows are bounds[i]:bounds[i + 1]
+    length: int  # the longest image's tokens
+
+
+def _packed_attention_plan(plan: SubBlockPlan, pieces: List[np.ndarray]) -> PackedAttentionPlan:
+    """The attention of an MSA as packed sequences (``PackedAttentionPlan``)."""
+    bounds = np.zeros(plan.counts.size + 1, dtype=np.int64)
+    np.cumsum(plan.counts, out=bounds[1:])
+    return PackedAttentionPlan(_append(pieces, bounds), int(plan.counts.max()))
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor, length: int,
+                     scale: float) -> torch.Tensor:
+    """Attention of each image's packed rows over its own, for every head: (T, H, dh) q, k, v -> (T, H, dh); image i's
+    rows are ``bounds[i]:bounds[i + 1]`` ((n + 1,) int32), ``length`` the most of any image.
+
+    The flash kernel that ``torch.nn.attention.varlen.varlen_attn`` runs, called as that function calls it: the
+    function wraps it in a Python custom op, which cost the host 320 us a call on an H200 machine, the kernel 50 us.
+    """
+    return torch.ops.aten._flash_attention_forward(q, k, v, bounds, bounds, length, length, 0.0, False, False,
+                                                   scale=scale)[0]
+
+
+def _runs_packed_attention(block: Block, x: torch.Tensor) -> bool:
+    """Whether the MSA runs as packed sequences (``packed_attention``): PyTorch has ``varlen_attn`` (2.9 and later), and
+    its flash kernel takes the device, dtype and head size. Elsewhere (the CPU, fp32) attention runs padded
+    (``AttentionPlan``)."""
+    head_dim = block.attn.head_dim
+    return (varlen_attn is not None and x.device.type == 'cuda' and _compute_dtype(x) in (torch.float16, torch.bfloat16)
+            and head_dim % 8 == 0 and head_dim <= 256)
+
+
 def accelerator_block_forward(
         block: Block,
         x: torch.Tensor,
@@ -141,11 +184,18 @@ def accelerator_block_forward(
         ffn = SubBlockPlan(msa.rows, msa.num_rows, msa.counts, msa.heads if ffn_heads is not None else None)
     else:
         ffn = _sub_block(run_ffn, kept, ffn_heads, B, N, pieces)
-    attention = _attention_plan(msa, H, pieces) if msa is not None and not _is_plain_batch(msa) else None
-    ffn_kept = None
-    if ffn is not None and ffn.heads is not None:  # each image's kept heads, and its token count to repeat them by
-        ffn_kept = (_append(pieces, ffn.heads), _append(pieces, ffn.counts))
+    attention = None
+    if msa is not None and not _is_plain_batch(msa):
+        attention = (_packed_attention_plan(msa, pieces) if _runs_packed_attention(block, x) else
+                     _attention_plan(msa, H, pieces))
+    # Each image's kept heads (B, H), for the rows that zero dropped heads: fc1's input (full deactivation) and
+    # packed attention's output.
+    heads_at = None if heads is None else _append(pieces, heads)
     index = index_tensor(pieces, x.device)
+    masks_heads = (msa is not None and msa.heads is not None and isinstance(attention, PackedAttentionPlan)) or (
+        ffn is not None and ffn.heads is not None)
+    # In the stream's compute dtype: a product with int64 ran in a kernel that converts, 2.5x as slow (H200).
+    kept_heads = index[heads_at].view(B, H).to(_compute_dtype(x)) if masks_heads else None
 
     flat = x.view(B * N, D)
     residual = rows = None
@@ -153,7 +203,8 @@ def accelerator_block_forward(
         rows = None if msa.rows is None else index[msa.rows]
         residual = flat if rows is None else flat.index_select(0, rows)  # (T, D)
         normed = normed_rows(block, x_normed, residual, rows)  # (T, D)
-        residual += _apply(block.ls1, _msa(block, normed, msa, attention, index, head_mode)).to(residual.dtype)
+        out = _msa(block, normed, msa, attention, index, head_mode, kept_heads, rows, N)
+        residual += _cast(_apply(block.ls1, out), residual.dtype)
         if rows is not None and not shared:  # shared rows are written back after the FFN
             _copy_rows(flat, rows, residual)
     if ffn is not None:
@@ -161,14 +212,42 @@ def accelerator_block_forward(
             rows = None if ffn.rows is None else index[ffn.rows]
             residual = flat if rows is None else flat.index_select(0, rows)  # (T, D)
         h = block.norm2(residual)
-        if ffn_kept is not None:  # full deactivation: fc1 reads only the kept heads' channels
-            head_mask = torch.repeat_interleave(index[ffn_kept[0]].view(-1, H), index[ffn_kept[1]], dim=0,
-                                                output_size=ffn.num_rows)  # (T, H)
-            h = (h.view(-1, H, D // H) * head_mask.to(h.dtype)[:, :, None]).view(-1, D)
-        residual += _apply(block.ls2, block.mlp(h)).to(residual.dtype)
+        if ffn.heads is not None:  # full deactivation: fc1 reads only the kept heads' channels
+            h = (h.view(-1, H, D // H) * _head_rows(kept_heads, rows, N)).view(-1, D)
+        residual += _cast(_apply(block.ls2, _mlp(block.mlp, h)), residual.dtype)
         if rows is not None:
             _copy_rows(flat, rows, residual)
     return x
+
+
+def _head_rows(kept_heads: torch.Tensor, rows: Optional[torch.Tensor], num_tokens: int) -> torch.Tensor:
+    """Each packed row's kept heads, (T, H, 1) of 0 and 1, from each image's ``kept_heads`` (B, H) and the rows' indices
+    in the flattened (B * N, D) stream (None: all)."""
+    B = kept_heads.shape[0]
+    images = torch.div(_positions(B * num_tokens, kept_heads.device) if rows is None else rows, num_tokens,
+                       rounding_mode='floor')  # (T,) each row's image
+    return kept_heads.index_select(0, images)[:, :, None]
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for (T, in) ``x``, by ``addmm``. On a GPU, ``F.linear`` costs the host 250 us a
+    call where T is new, and here it is new in every block (H200's host: 32 us at a T it has seen; ``addmm`` 35 us at
+    any T)."""
+    return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+
+
+def _mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mlp(x)`` for (T, D) ``x``: timm's plain ``Mlp`` by ``_linear`` (in eval its dropouts do nothing), others as
+    defined."""
+    if type(mlp) is not Mlp or type(mlp.norm) is not torch.nn.Identity:
+        return mlp(x)
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    return _linear(_activate(mlp.act, _linear(x, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``, without the call where it is one already (under autocast only it is not)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _apply(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -196,11 +275,15 @@ def _msa(
         block: Block,
         tokens: torch.Tensor,
         plan: SubBlockPlan,
-        attention: Optional[AttentionPlan],
+        attention: Union[None, AttentionPlan, PackedAttentionPlan],
         index: Optional[torch.Tensor],
         head_mode: str,
+        kept_heads: Optional[torch.Tensor],
+        rows: Optional[torch.Tensor],
+        num_tokens: int,
 ) -> torch.Tensor:
-    """MSA outputs (before ``ls1``) of the packed, normed rows ``tokens`` (T, D)."""
+    """MSA outputs (before ``ls1``) of the packed, normed rows ``tokens`` (T, D), which are ``rows`` of the flattened
+    (B * N, D) stream (None: all); ``kept_heads`` (B, H) on the device, or None where every image keeps every head."""
     attn = block.attn
     T, D = tokens.shape
     if attention is None:  # every head, equal token counts
@@ -208,7 +291,17 @@ def _msa(
         return attn(tokens.view(n, T // n, D)).view(T, D)
     H, dh = attn.num_heads, attn.head_dim
     w_qkv, b_qkv = _head_major_qkv(attn.qkv, H, parts=3)  # rows [q_h; k_h; v_h] per head
-    qkv = F.linear(tokens, w_qkv, b_qkv).view(T * H, 3 * dh)  # (T * H, 3 * dh): row t * H + h is token t's head h
+    qkv = _linear(tokens, w_qkv, b_qkv)  # (T, H * 3 * dh)
+    if isinstance(attention, PackedAttentionPlan):
+        q, k, v = qkv.view(T, H, 3, dh).unbind(2)  # (T, H, dh) each
+        q, k = _apply(attn.q_norm, q), _apply(attn.k_norm, k)
+        bounds = index[attention.bounds].to(torch.int32)
+        o = packed_attention(q, k, v, bounds, attention.length, attn.scale)  # (T, H, dh)
+        if plan.heads is not None:  # a dropped head's output is zero (full) or its values (partial)
+            kept = _head_rows(kept_heads, rows, num_tokens)  # (T, H, 1)
+            o = o * kept if head_mode == 'full' else torch.where(kept.bool(), o, v)
+        return _linear(_apply(attn.norm, o.reshape(T, D)), attn.proj.weight, attn.proj.bias)
+    qkv = qkv.view(T * H, 3 * dh)  # (T * H, 3 * dh): row t * H + h is token t's head h
     # Per (token, head), dropped heads included: zero (full) or the head's values (partial), then the attention rows;
     # plus a last row that the padded slots write to.
     o_rows = qkv.new_empty(T * H + 1, dh)
@@ -228,5 +321,5 @@ def _msa(
         with sdpa_kernel(PADDED_ATTENTION_BACKENDS):  # o: (P, 1, L, dh)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=real[:, None, None, :], scale=attn.scale)
         # Padded slots all go to the spare last row (which of them lands there does not matter).
-        o_rows.index_copy_(0, torch.where(real, slots, T * H).view(-1), o.view(P * L, dh).to(o_rows.dtype))
-    return attn.proj(_apply(attn.norm, o_rows[:-1].view(T, D)))
+        o_rows.index_copy_(0, torch.where(real, slots, T * H).view(-1), _cast(o.view(P * L, dh), o_rows.dtype))
+    return _linear(_apply(attn.norm, o_rows[:-1].view(T, D)), attn.proj.weight, attn.proj.bias)
