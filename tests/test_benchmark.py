@@ -11,8 +11,8 @@ import torch
 from adavit import AdaViT
 from adavit.cli.benchmark import validation_images
 from adavit.cli.main import main
-from adavit.cost.benchmark import (balanced_orders, cpu_name, format_rows, interleaved_medians, measure_speed,
-                                   pin_allocator, write_json)
+from adavit.cost.benchmark import (ACCELERATOR_WARMUP_CALLS, balanced_orders, cpu_name, format_rows,
+                                   interleaved_medians, measure_speed, pin_allocator, warmup_rounds, write_json)
 from adavit.cost.macs import decision_macs, dense_macs
 from adavit.training.checkpoint import load_model
 
@@ -198,3 +198,10 @@ def test_write_json_makes_the_folder_and_replaces_the_file_whole(tmp_path):
     write_json(str(path), {'rows': [3]})
     assert json.loads(path.read_text()) == {'rows': [3]}
     assert sorted(p.name for p in path.parent.iterdir()) == ['result.json']  # no temporary file left behind
+
+
+def test_accelerators_warm_up_for_a_few_calls_whatever_the_rounds():
+    cpu, cuda = torch.device('cpu'), torch.device('cuda')
+    assert warmup_rounds(2, 1, cpu) == 2 and warmup_rounds(0, 1, cpu) == 0
+    assert warmup_rounds(2, 1, cuda) == ACCELERATOR_WARMUP_CALLS == 5
+    assert warmup_rounds(2, 2, cuda) == 3 and warmup_rounds(2, 32, cuda) == 2 and warmup_rounds(7, 1, cuda) == 7

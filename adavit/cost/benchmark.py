@@ -168,6 +168,18 @@ def interleaved_medians(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+# On an accelerator each contender gets at least this many untimed calls, whatever ``warmup`` says: its first calls pay
+# one-time costs there (pinned host buffers of new sizes, kernels loaded). At batch 256, one input a round, 2 warm-up
+# rounds left the sparse executor at 20.7 ms a forward, where a plain loop on the same machine took 16.2; with 5 calls
+# first, 17.1 ms (DeiT-S, H200, bf16; each on a fresh machine).
+ACCELERATOR_WARMUP_CALLS = 5
+
+
+def warmup_rounds(warmup: int, count: int, device: torch.device) -> int:
+    """Untimed rounds of ``count`` inputs: ``warmup``, or on an accelerator enough for ``ACCELERATOR_WARMUP_CALLS``."""
+    return warmup if device.type == 'cpu' else max(warmup, -(-ACCELERATOR_WARMUP_CALLS // count))
+
+
 def batches_per_round(batch_size: int, images_per_round: int, max_inputs: int = 32) -> int:
     """How many distinct input batches ``measure_speed`` times per round at ``batch_size``: at least one."""
     return max(1, min(max_inputs, images_per_round // batch_size))
@@ -197,7 +209,7 @@ def measure_speed(
         threads: ``torch.set_num_threads`` for the run (None: leave as is).
         device: ``"cpu"`` or ``"cuda"``.
         dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"``: weights and inputs are cast to it.
-        warmup: Untimed rounds first.
+        warmup: Untimed rounds first (on an accelerator, enough for ``ACCELERATOR_WARMUP_CALLS`` calls at least).
         repeats: Timed rounds; the median is reported.
         images_per_round: A round covers about this many images (at least one batch), so that small batches are
             timed over several inputs with different decisions.
@@ -244,7 +256,7 @@ def measure_speed(
             twin = ExecutorView(model, executor)
             runs[executor] = timer(twin, inputs, reseed, dev)
         with torch.inference_mode():  # as a deployment runs: no autograd bookkeeping on any op, for either model
-            med = interleaved_medians(runs, count, warmup, repeats)
+            med = interleaved_medians(runs, count, warmup_rounds(warmup, count, dev), repeats)
         dense_attention = min(('fused', 'matmul'), key=med.__getitem__)
         med['dense'] = med[dense_attention]
         dense_g = dense_macs(dense) / 1e9
