@@ -1,9 +1,11 @@
-"""The accelerator plan's padded attention on each SDPA backend, with decisions fixed per input or new on every call.
+"""The accelerator plan's attention: packed, or padded on each SDPA backend, with decisions fixed per input or new.
 
-The sparse executor's accelerator plan (``adavit/execution/sparse_accelerator.py``) runs each block's attention as one
-padded, masked ``scaled_dot_product_attention`` call whose shape (problems, longest image) follows the decisions. A
-backend that builds a plan per shape is fast when the same decisions come back (as in ``adavit benchmark``, which
-reseeds the random policy per input) and slow when every batch brings new ones, as learned gates on real images do.
+The sparse executor's accelerator plan (``adavit/execution/sparse_accelerator.py``) runs each block's attention over
+each image's packed rows in one flash-attention call where the kernel runs (a GPU, bf16 or fp16: backend ``packed``),
+and elsewhere as one padded, masked ``scaled_dot_product_attention`` call whose shape (problems, longest image) follows
+the decisions; the other backends force that padded call. A backend that builds a plan per shape is fast when the same
+decisions come back (as in ``adavit benchmark``, which reseeds the random policy per input) and slow when every batch
+brings new ones, as learned gates on real images do.
 Each (backend, decisions) pair is one contender, and the dense timm model another; they take turns on every input in
 changing order after a warm-up (``interleaved_medians``). Prints medians and writes JSON.
 
@@ -13,7 +15,7 @@ import argparse
 import itertools
 import os
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import timm
 import torch
@@ -24,6 +26,7 @@ from adavit.cost.benchmark import DTYPES, ExecutorView, interleaved_medians, tim
 from adavit.execution import sparse, sparse_accelerator
 
 BACKENDS = {
+    'packed': None,  # packed attention where it runs (else padded on the default backends)
     'efficient': [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],  # the default
     'cudnn': [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],
     'math': [SDPBackend.MATH],
@@ -31,12 +34,13 @@ BACKENDS = {
 
 
 class _Contender(ExecutorView):
-    """The sparse executor on the accelerator plan with ``backends`` for its padded attention; with ``fresh``, the
-    random policy is reseeded to a seed never used before on every call, so that no two calls share decisions."""
+    """The sparse executor on the accelerator plan with ``backends`` for its padded attention (None: packed attention
+    where it runs); with ``fresh``, the random policy is reseeded to a seed never used before on every call, so that no
+    two calls share decisions."""
 
     _fresh_seeds = itertools.count(1_000_000)
 
-    def __init__(self, model: torch.nn.Module, backends: List[SDPBackend], fresh: bool) -> None:
+    def __init__(self, model: torch.nn.Module, backends: Optional[List[SDPBackend]], fresh: bool) -> None:
         super().__init__(model, 'sparse')
         self.backends, self.fresh = backends, fresh
 
@@ -44,12 +48,15 @@ class _Contender(ExecutorView):
         self.model.reset_random_policy(next(self._fresh_seeds) if self.fresh else seed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        default = sparse_accelerator.PADDED_ATTENTION_BACKENDS
+        if self.backends is None:
+            return super().__call__(x)
+        default, packed = sparse_accelerator.PADDED_ATTENTION_BACKENDS, sparse_accelerator._runs_packed_attention
         sparse_accelerator.PADDED_ATTENTION_BACKENDS = self.backends
+        sparse_accelerator._runs_packed_attention = lambda block, x: False
         try:
             return super().__call__(x)
         finally:
-            sparse_accelerator.PADDED_ATTENTION_BACKENDS = default
+            sparse_accelerator.PADDED_ATTENTION_BACKENDS, sparse_accelerator._runs_packed_attention = default, packed
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
@@ -59,7 +66,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument('--batch-size', type=int, default=256)
     parser.add_argument('--device', default='cuda')
     parser.add_argument('--dtype', choices=sorted(DTYPES), default='bf16')
-    parser.add_argument('--backends', default='efficient,cudnn', help=f'comma-separated, of {sorted(BACKENDS)}')
+    parser.add_argument('--backends', default='packed,efficient,cudnn', help=f'comma-separated, of {sorted(BACKENDS)}')
     parser.add_argument('--inputs', type=int, default=4, help='distinct input batches per round')
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--repeats', type=int, default=5)

@@ -177,15 +177,17 @@ def test_padded_attention_benchmark_times_each_backend_with_same_and_new_decisio
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     backends, grouped = sparse_accelerator.PADDED_ATTENTION_BACKENDS, sparse.HEAD_GROUPED_DEVICES
+    packed = sparse_accelerator._runs_packed_attention
     first_fresh_seed = next(script._Contender._fresh_seeds)
     out = tmp_path / 'attention.json'
     result = script.main(['--model', 'adavit_deit_tiny_patch16_224', '--device', 'cpu', '--dtype', 'fp32',
                           '--batch-size', '2', '--inputs', '2', '--repeats', '1', '--warmup', '0',
-                          '--backends', 'efficient,math', '--json', str(out)])
+                          '--backends', 'packed,math', '--json', str(out)])
     assert sparse_accelerator.PADDED_ATTENTION_BACKENDS is backends and sparse.HEAD_GROUPED_DEVICES is grouped
+    assert sparse_accelerator._runs_packed_attention is packed
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert [(r['backend'], r['decisions']) for r in result['rows']] == [
-        ('efficient', 'same per input'), ('efficient', 'new every call'),
+        ('packed', 'same per input'), ('packed', 'new every call'),
         ('math', 'same per input'), ('math', 'new every call')]
     assert all(r['ms'] > 0 and r['speedup'] > 0 for r in result['rows'])
     # Two contenders with new decisions, one round of two inputs: four seeds drawn, none of them seen before.
@@ -205,3 +207,20 @@ def test_accelerators_warm_up_for_a_few_calls_whatever_the_rounds():
     assert warmup_rounds(2, 1, cpu) == 2 and warmup_rounds(0, 1, cpu) == 0
     assert warmup_rounds(2, 1, cuda) == ACCELERATOR_WARMUP_CALLS == 5
     assert warmup_rounds(2, 2, cuda) == 3 and warmup_rounds(2, 32, cuda) == 2 and warmup_rounds(7, 1, cuda) == 7
+
+
+def test_op_host_cost_benchmark_times_each_op_at_seen_new_and_rounded_row_counts(tmp_path):
+    """benchmarks/op_host_cost.py: a row per (op, row count kind), positive microseconds, the JSON as printed."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'op_host_cost', os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'op_host_cost.py'))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / 'ops.json'
+    result = script.main(['--device', 'cpu', '--dtype', 'fp32', '--rows', '64', '--calls', '3', '--json', str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    pairs = [(r['op'], r['rows']) for r in result['results']]
+    assert pairs[:3] == [('F.linear', 'seen'), ('F.linear', 'new'), ('F.linear', 'rounded to 1024')]
+    assert ('torch.addmm', 'new') in pairs and pairs[-3:] == [('index_select', 'new'), ('index_copy_', 'new'),
+                                                             ('add_', 'new')]
+    assert len(pairs) == 5 * 3 + 3 and all(r['host_us'] > 0 for r in result['results'])

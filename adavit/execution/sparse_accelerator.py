@@ -2,7 +2,7 @@
 
 A GPU kernel launch costs the host about 10 us, more than most of the small GEMMs that grouping images by head pattern
 makes (``sparse.py``, the CPU plan): at DeiT-S batch 256 that plan launched 4,852 kernels per forward and ran 22 times
-slower than the dense model (H200, bf16). Here a block launches about twenty kernels, whatever the batch (250 per
+slower than the dense model (H200, bf16). Here a block launches about twenty kernels, whatever the batch (261 per
 forward at batch 256, keep 0.7/0.7/0.9). A single image takes the latency path (``sparse.py``) instead, on every device:
 it has fewer launches still.
 
@@ -194,7 +194,7 @@ def accelerator_block_forward(
     index = index_tensor(pieces, x.device)
     masks_heads = (msa is not None and msa.heads is not None and isinstance(attention, PackedAttentionPlan)) or (
         ffn is not None and ffn.heads is not None)
-    # In the stream's compute dtype: a product with int64 ran in a kernel that converts, 2.5x as slow (H200).
+    # In the stream's compute dtype: a product with int64 ran in a kernel that converts, 1.6x as slow (H200).
     kept_heads = index[heads_at].view(B, H).to(_compute_dtype(x)) if masks_heads else None
 
     flat = x.view(B * N, D)
@@ -232,7 +232,7 @@ def _head_rows(kept_heads: torch.Tensor, rows: Optional[torch.Tensor], num_token
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for (T, in) ``x``, by ``addmm``. On a GPU, ``F.linear`` costs the host 250 us a
     call where T is new, and here it is new in every block (H200's host: 32 us at a T it has seen; ``addmm`` 35 us at
-    any T)."""
+    any T; ``benchmarks/op_host_cost.py``). Without a bias, ``mm``: not yet timed there."""
     return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
 
 
