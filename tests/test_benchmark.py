@@ -100,6 +100,8 @@ def test_benchmark_cli_keep_all_costs_exactly_the_dense_model(tmp_path, capsys):
     result = json.loads(out.read_text())
     row = result['rows'][0]
     assert result['keep'] == [1.0, 1.0, 1.0]
+    assert result['settings'] == {'warmup_rounds': 0, 'timed_rounds': 1, 'images_per_round': 1,
+                                  'accelerator_warmup_calls': 5}
     assert row['mac_ratio'] == 1.0 and row['adaptive_gmacs'] == row['dense_gmacs']
     assert row['dense_gmacs'] == pytest.approx(1.2537, abs=1e-4)
     printed = capsys.readouterr().out

@@ -6,7 +6,8 @@ from typing import List, Optional
 import timm
 import torch
 
-from ..cost.benchmark import batches_per_round, cpu_name, format_rows, measure_speed, rows_as_dicts, write_json
+from ..cost.benchmark import (ACCELERATOR_WARMUP_CALLS, batches_per_round, cpu_name, format_rows, measure_speed,
+                              rows_as_dicts, write_json)
 from ..errors import ConfigError
 from ..model.adavit import AdaViT
 
@@ -95,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
             'keep': None if args.checkpoint else list(model.random_keep),
             'inputs': 'validation images' if images is not None else 'gaussian noise',
             'machine': machine,
+            # rounds as asked; on an accelerator each model also has ACCELERATOR_WARMUP_CALLS untimed calls at least
+            'settings': {'warmup_rounds': args.warmup, 'timed_rounds': args.repeats,
+                         'images_per_round': args.images_per_round,
+                         'accelerator_warmup_calls': ACCELERATOR_WARMUP_CALLS},
             'rows': rows_as_dicts(rows),
         }
         write_json(args.json, result)
