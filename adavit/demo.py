@@ -13,7 +13,6 @@ Stages (each prints a header and shows progress bars):
 
 Everything is computed here; ``adavit.visualize.write_report`` only lays it out.
 """
-import json
 import os
 import platform
 import sys
@@ -27,6 +26,7 @@ from torch import nn
 
 from .cost.benchmark import cpu_name
 from .errors import CheckpointError, ConfigError
+from .files import write_json
 from .gates.budget import random_patch_keep_for_cost
 from .training.evaluation import gated_keep_rates
 
@@ -477,10 +477,7 @@ class Demo:
     def _write(self, summary: Dict[str, Any], figures: Mapping[str, str]) -> None:
         from .visualize import write_report
         out = self.s.output
-        tmp = os.path.join(out, 'summary.json.tmp')
-        with open(tmp, 'w') as f:
-            json.dump(summary, f, indent=2)
-        os.replace(tmp, os.path.join(out, 'summary.json'))
+        write_json(os.path.join(out, 'summary.json'), summary)
         write_report(out, report_tables(summary), figures, title='AdaViT on Fashion-MNIST: the demo',
                      notes=report_notes(summary))
 

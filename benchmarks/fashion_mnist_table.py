@@ -12,8 +12,8 @@ import os
 import numpy as np
 import torch
 
-from adavit.cost.benchmark import write_json
 from adavit.data.datasets import build_datasets
+from adavit.files import write_json
 from adavit.gates.budget import random_patch_keep_for_cost
 from adavit.model.adavit import AdaViT
 from adavit.training.checkpoint import load_model, read_checkpoint

@@ -17,9 +17,10 @@ import timm
 import torch
 
 import adavit  # noqa: F401 (registers the AdaViT models)
-from adavit.cost.benchmark import ExecutorView, cpu_name, interleaved_medians, pin_allocator, timer, write_json
+from adavit.cost.benchmark import ExecutorView, cpu_name, interleaved_medians, pin_allocator, timer
 from adavit.cost.macs import decision_macs, dense_macs
 from adavit.execution import sparse
+from adavit.files import write_json
 
 
 class _ChunkedSparse(ExecutorView):

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adavit.cost.benchmark import DTYPES, write_json
+from adavit.cost.benchmark import DTYPES
+from adavit.files import write_json
 
 
 def host_microseconds(fn: Callable[[int], object], calls: int, sync: Callable[[], None]) -> float:

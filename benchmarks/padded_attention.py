@@ -22,8 +22,9 @@ import torch
 from torch.nn.attention import SDPBackend
 
 import adavit  # noqa: F401 (registers the AdaViT models)
-from adavit.cost.benchmark import DTYPES, ExecutorView, interleaved_medians, timer, write_json
+from adavit.cost.benchmark import DTYPES, ExecutorView, interleaved_medians, timer
 from adavit.execution import sparse, sparse_accelerator
+from adavit.files import write_json
 
 BACKENDS = {
     'packed': None,  # packed attention where it runs (else padded on the default backends)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 import adavit
-from adavit.cost.benchmark import cpu_name, write_json
+from adavit.cost.benchmark import cpu_name
+from adavit.files import write_json
 from adavit.model import gate_keys
 
 CONFIGS: Dict[str, Dict[str, int]] = {

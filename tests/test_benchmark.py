@@ -12,7 +12,7 @@ from adavit import AdaViT
 from adavit.cli.benchmark import validation_images
 from adavit.cli.main import main
 from adavit.cost.benchmark import (ACCELERATOR_WARMUP_CALLS, balanced_orders, cpu_name, format_rows,
-                                   interleaved_medians, measure_speed, pin_allocator, warmup_rounds, write_json)
+                                   interleaved_medians, measure_speed, pin_allocator, warmup_rounds)
 from adavit.cost.macs import decision_macs, dense_macs
 from adavit.training.checkpoint import load_model
 
@@ -194,14 +194,6 @@ def test_padded_attention_benchmark_times_each_backend_with_same_and_new_decisio
     assert all(r['ms'] > 0 and r['speedup'] > 0 for r in result['rows'])
     # Two contenders with new decisions, one round of two inputs: four seeds drawn, none of them seen before.
     assert next(script._Contender._fresh_seeds) == first_fresh_seed + 5
-
-
-def test_write_json_makes_the_folder_and_replaces_the_file_whole(tmp_path):
-    path = tmp_path / 'new' / 'folder' / 'result.json'
-    write_json(str(path), {'rows': [1, 2]})
-    write_json(str(path), {'rows': [3]})
-    assert json.loads(path.read_text()) == {'rows': [3]}
-    assert sorted(p.name for p in path.parent.iterdir()) == ['result.json']  # no temporary file left behind
 
 
 def test_accelerators_warm_up_for_a_few_calls_whatever_the_rounds():

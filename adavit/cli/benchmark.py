@@ -7,8 +7,9 @@ import timm
 import torch
 
 from ..cost.benchmark import (ACCELERATOR_WARMUP_CALLS, batches_per_round, cpu_name, format_rows, measure_speed,
-                              rows_as_dicts, write_json)
+                              rows_as_dicts)
 from ..errors import ConfigError
+from ..files import write_json
 from ..model.adavit import AdaViT
 
 

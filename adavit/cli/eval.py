@@ -10,10 +10,10 @@ MSA and FFN, and with ``--compare-dense`` the dense backbone's top-1 and GMACs b
 default (sparse) executor.
 """
 import argparse
-import json
-import os
 import sys
 from typing import Any, Dict
+
+from ..files import write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,11 +60,6 @@ def run(args: argparse.Namespace) -> int:
         progress=(lambda it: progress(it, True, None, 'eval')) if show else None)
     print(format_report(result))
     if args.json:
-        directory = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(directory, exist_ok=True)
-        tmp = f'{args.json}.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.json)
+        write_json(args.json, result)
         print(f'wrote {args.json}', file=sys.stdout)
     return 0

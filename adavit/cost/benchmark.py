@@ -19,8 +19,6 @@ Fashion-MNIST batch of 256 (the dense model 0.7%).
 """
 import contextlib
 import ctypes
-import json
-import os
 import platform
 import statistics
 import time
@@ -336,13 +334,3 @@ def format_rows(rows: Sequence[SpeedRow], header: bool = True) -> str:
 
 def rows_as_dicts(rows: Sequence[SpeedRow]) -> List[dict]:
     return [asdict(r) for r in rows]
-
-
-def write_json(path: str, result: dict) -> None:
-    """Write ``result`` to ``path`` as indented JSON, making its folder; atomically (a temporary file, then a rename),
-    so that an interrupted run leaves the previous results whole."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, path)

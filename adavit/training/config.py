@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 import yaml
 
 from ..errors import ConfigError
+from ..files import write_atomic
 
 DEFAULTS: Dict[str, Any] = {
     'seed': 0,
@@ -239,10 +240,7 @@ def check_values(config: Mapping[str, Any]) -> None:
 
 def save_yaml(config: Mapping[str, Any], path: str) -> None:
     """Write ``config`` as YAML, atomically (a half-written config.yaml would break a resume)."""
-    tmp = f'{path}.tmp.{os.getpid()}'
-    with open(tmp, 'w') as f:
-        yaml.safe_dump(_plain(config), f, sort_keys=False, default_flow_style=None)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: yaml.safe_dump(_plain(config), f, sort_keys=False, default_flow_style=None))
 
 
 def _plain(node: Any) -> Any:

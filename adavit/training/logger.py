@@ -1,9 +1,10 @@
 """Run logs, written by rank 0 only: a CSV row per epoch, TensorBoard scalars (if installed), final metrics.json."""
 import csv
-import json
 import os
 import sys
 from typing import Any, Dict, Mapping, Optional
+
+from ..files import write_atomic, write_json
 
 
 class RunLogger:
@@ -44,22 +45,18 @@ class RunLogger:
         fields = []
         for r in rows:
             fields.extend(k for k in r if k not in fields)
-        tmp = self.csv_path + '.tmp'
-        with open(tmp, 'w', newline='') as f:
+        def write(f) -> None:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.csv_path)
+
+        write_atomic(self.csv_path, write, newline='')
         self.scalars({k: v for k, v in row.items() if k not in ('epoch', 'step')}, int(row.get('step', 0)), 'epoch')
 
     def metrics(self, values: Mapping[str, Any], name: str = 'metrics.json') -> None:
         if not self.enabled:
             return
-        path = os.path.join(self.output, name)
-        tmp = path + '.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(values, f, indent=2)
-        os.replace(tmp, path)
+        write_json(os.path.join(self.output, name), dict(values))
 
     def close(self) -> None:
         if self._tb is not None:
