@@ -1,6 +1,7 @@
 """The sparse executor's accelerator plan (few launches per block), run here on the CPU: same logits as the masked
 reference, and the plan's index arithmetic checked by hand."""
 import itertools
+import types
 
 import numpy as np
 import pytest
@@ -206,6 +207,26 @@ def test_head_rows_give_each_packed_row_its_images_kept_heads():
     assert every_row == [first] * 2 + [second] * 2 + [third] * 2
 
 
-def test_packed_attention_only_where_the_flash_kernel_runs():
-    block = AdaViT(**TINY).eval().blocks[0]
+def test_packed_attention_only_where_the_flash_kernel_runs(monkeypatch):
+    """The CPU, fp32, a pre-Ampere GPU, a ROCm build or flash attention switched off: padded attention."""
+    block = AdaViT(**TINY).eval().blocks[0]  # head size 12: no flash kernel
     assert not sparse_accelerator._runs_packed_attention(block, torch.zeros(2, NUM_TOKENS, 48))  # CPU
+    block = AdaViT(**dict(TINY, embed_dim=64)).eval().blocks[0]  # head size 16
+    monkeypatch.setattr(sparse_accelerator, 'varlen_attn', lambda *args: None)  # PyTorch 2.9 and later have it
+
+    def runs(dtype=torch.bfloat16, capability=(9, 0), cuda='12.8') -> bool:
+        monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda index=None: capability)
+        monkeypatch.setattr(torch.version, 'cuda', cuda)
+        sparse_accelerator._flash_kernel_runs_on.cache_clear()
+        on_gpu = types.SimpleNamespace(device=torch.device('cuda', 0), dtype=dtype)  # a tensor on a GPU, to the check
+        return sparse_accelerator._runs_packed_attention(block, on_gpu)
+
+    flash = torch.backends.cuda.flash_sdp_enabled()
+    try:
+        assert runs() and runs(dtype=torch.float16)
+        assert not runs(dtype=torch.float32) and not runs(capability=(7, 5)) and not runs(cuda=None)
+        torch.backends.cuda.enable_flash_sdp(False)
+        assert not runs()
+    finally:
+        torch.backends.cuda.enable_flash_sdp(flash)
+        sparse_accelerator._flash_kernel_runs_on.cache_clear()

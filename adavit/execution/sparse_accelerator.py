@@ -23,6 +23,7 @@ it has fewer launches still.
 
 The output equals the masked reference (``masked.py``) up to float rounding, as the CPU plan's does.
 """
+import functools
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
@@ -150,12 +151,19 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: 
 
 
 def _runs_packed_attention(block: Block, x: torch.Tensor) -> bool:
-    """Whether the MSA runs as packed sequences (``packed_attention``): PyTorch has ``varlen_attn`` (2.9 and later), and
-    its flash kernel takes the device, dtype and head size. Elsewhere (the CPU, fp32) attention runs padded
-    (``AttentionPlan``)."""
+    """Whether the MSA runs as packed sequences (``packed_attention``): PyTorch has ``varlen_attn`` (2.9 and later), its
+    flash kernel is enabled (``torch.backends.cuda.flash_sdp_enabled``) and takes the GPU, dtype and head size.
+    Elsewhere (the CPU, fp32, GPUs before Ampere) attention runs padded (``AttentionPlan``)."""
     head_dim = block.attn.head_dim
     return (varlen_attn is not None and x.device.type == 'cuda' and _compute_dtype(x) in (torch.float16, torch.bfloat16)
-            and head_dim % 8 == 0 and head_dim <= 256)
+            and head_dim % 8 == 0 and head_dim <= 256 and torch.backends.cuda.flash_sdp_enabled()
+            and _flash_kernel_runs_on(x.device.index))
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_kernel_runs_on(device_index: Optional[int]) -> bool:
+    """PyTorch's flash kernel needs a CUDA build (not ROCm) and an NVIDIA GPU of compute capability 8.0 or more."""
+    return torch.version.cuda is not None and torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
 def accelerator_block_forward(
