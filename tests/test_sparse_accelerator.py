@@ -161,7 +161,7 @@ def test_index_tensor_concatenates_and_shares_on_the_cpu():
 def _reference_packed_attention(q, k, v, bounds, length, scale):
     """``packed_attention``'s contract on any device: (T, H, dh) packed images, image i in rows bounds[i]:bounds[i + 1],
     each attending over its own tokens."""
-    assert bounds.dtype == torch.int32
+    assert bounds.dtype == torch.int32 and q.dtype == k.dtype == v.dtype  # as the flash kernel demands
     bounds = bounds.tolist()
     assert length == max(b - a for a, b in zip(bounds, bounds[1:]))
     out = torch.empty_like(q)
@@ -186,6 +186,28 @@ def test_packed_attention_matches_masked(packed_attention, head_mode, batch):
         decisions = _random_decisions(batch, seed=seed, edge=edge)
         (masked, _), (out, _) = _both(model, torch.randn(batch, 3, 32, 32), decisions)
         assert torch.allclose(masked, out, atol=1e-4, rtol=0), (edge, (masked - out).abs().max())
+
+
+class _Fp32Norm(torch.nn.Module):
+    """A norm whose output is fp32, as LayerNorm's is under CUDA autocast."""
+
+    def __init__(self, norm: torch.nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x).float()
+
+
+def test_packed_attention_under_autocast_with_qk_norm(packed_attention):
+    """Under CUDA autocast q/k norms give fp32 beside bf16 values; the kernel gets them in one dtype."""
+    model = AdaViT(qk_norm=True, **TINY).eval()
+    for blk in model.blocks:
+        blk.attn.q_norm, blk.attn.k_norm = _Fp32Norm(blk.attn.q_norm), _Fp32Norm(blk.attn.k_norm)
+    decisions = _random_decisions(6, seed=8, edge='mixed')
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        (masked, _), (out, _) = _both(model, torch.randn(6, 3, 32, 32), decisions)
+    assert torch.allclose(masked.float(), out.float(), atol=0.05, rtol=0.05)
 
 
 def test_packed_attention_plan_bounds_each_image():

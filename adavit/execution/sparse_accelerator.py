@@ -302,7 +302,8 @@ def _msa(
     qkv = _linear(tokens, w_qkv, b_qkv)  # (T, H * 3 * dh)
     if isinstance(attention, PackedAttentionPlan):
         q, k, v = qkv.view(T, H, 3, dh).unbind(2)  # (T, H, dh) each
-        q, k = _apply(attn.q_norm, q), _apply(attn.k_norm, k)
+        # q/k norms under autocast give fp32; the kernel, unlike SDPA, is not cast by autocast
+        q, k = _cast(_apply(attn.q_norm, q), v.dtype), _cast(_apply(attn.k_norm, k), v.dtype)
         bounds = index[attention.bounds].to(torch.int32)
         o = packed_attention(q, k, v, bounds, attention.length, attn.scale)  # (T, H, dh)
         if plan.heads is not None:  # a dropped head's output is zero (full) or its values (partial)
