@@ -196,14 +196,14 @@ def accelerator_block_forward(
     if msa is not None and not _is_plain_batch(msa):
         attention = (_packed_attention_plan(msa, pieces) if _runs_packed_attention(block, x) else
                      _attention_plan(msa, H, pieces))
-    # Each image's kept heads (B, H), for the rows that zero dropped heads: fc1's input (full deactivation) and
+    # Each image's kept heads (B, H), where rows of dropped heads are zeroed: fc1's input (full deactivation) and
     # packed attention's output.
-    heads_at = None if heads is None else _append(pieces, heads)
-    index = index_tensor(pieces, x.device)
     masks_heads = (msa is not None and msa.heads is not None and isinstance(attention, PackedAttentionPlan)) or (
         ffn is not None and ffn.heads is not None)
+    heads_at = _append(pieces, heads) if masks_heads else None
+    index = index_tensor(pieces, x.device)
     # In the stream's compute dtype: a product with int64 ran in a kernel that converts, 1.6x as slow (H200).
-    kept_heads = index[heads_at].view(B, H).to(_compute_dtype(x)) if masks_heads else None
+    kept_heads = None if heads_at is None else index[heads_at].view(B, H).to(_compute_dtype(x))
 
     flat = x.view(B * N, D)
     residual = rows = None
