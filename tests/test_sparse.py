@@ -12,7 +12,7 @@ import adavit
 from adavit import AdaViT, Decisions
 from adavit.cost.macs import decision_macs, dense_macs, macs
 from adavit.execution import sparse
-from adavit.execution.sparse import attention_buckets, head_runs, pack_tokens
+from adavit.execution.sparse import attention_buckets, head_runs, pack_sub_blocks, pack_tokens
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=4, num_classes=7)
 NUM_TOKENS = 65  # 8 x 8 patches + class token
@@ -133,7 +133,11 @@ def test_sparse_matches_masked_when_the_ffn_runs_in_row_chunks(monkeypatch, chun
         assert torch.allclose(masked, out, atol=1e-4, rtol=0)
         if init_values is not None:
             rows = int((decisions.patch[:, 0] * decisions.block[:, 0, 1:]).sum())  # the FFN rows of block 0
-            assert calls[1:] == [chunk_rows] * (rows // chunk_rows) + ([rows % chunk_rows] if rows % chunk_rows else [])
+            _, ffn = sparse._plan_batch(decisions.patch[:, 0], decisions.head[:, 0], decisions.block[:, 0],
+                                        decisions.patch.shape[2], 9, head_mode)
+            spans = sparse._row_spans(ffn.groups)  # chunks restart where the MSA-only images' rows leave a gap
+            assert sum(end - start for start, end in spans) == rows
+            assert calls[1:] == [min(chunk_rows, end - s) for start, end in spans for s in range(start, end, chunk_rows)]
 
 
 @pytest.mark.parametrize('init_values', [None, 0.5])
@@ -282,6 +286,50 @@ def test_pack_tokens_matches_a_plain_loop_on_random_masks(seed):
                     key=lambda i: (sum(int(h) << j for j, h in enumerate(heads[i])), tokens[i].sum()))
     assert packing.rows.tolist() == [i * N + t for i in images for t in range(N) if tokens[i, t]]
     assert sum((g.counts for g in packing.groups), []) == [int(tokens[i].sum()) for i in images]
+
+
+def test_pack_sub_blocks_shares_rows_and_leaves_each_sub_block_its_own_images():
+    run_msa = np.array([True, True, False, True, False])
+    run_ffn = np.array([True, False, True, True, False])
+    tokens = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 1], [1, 1, 1]], dtype=bool)
+    heads = np.array([[1, 1], [1, 1], [1, 1], [1, 0], [0, 1]], dtype=bool)
+    msa, ffn = pack_sub_blocks(run_msa, run_ffn, tokens, heads, num_tokens=3, batch_size=5)
+    assert msa.rows is ffn.rows
+    # pattern 0b01: image 3 (both); pattern 0b11: image 1 (MSA only), image 0 (both), image 2 (FFN only)
+    assert msa.rows.tolist() == [9, 11, 3, 0, 1, 6, 7, 8]
+    assert [(g.start, g.end, g.counts, g.head_runs) for g in msa.groups] == [(0, 2, [2], [(0, 1)]), (2, 5, [1, 2], None)]
+    assert [(g.start, g.end, g.counts, g.head_runs) for g in ffn.groups] == [(0, 2, [2], [(0, 1)]), (3, 8, [2, 3], None)]
+    assert sparse._row_spans(ffn.groups) == [(0, 2), (3, 8)]
+    assert pack_sub_blocks(np.zeros(5, dtype=bool), np.zeros(5, dtype=bool), tokens, heads, 3, 5) == (None, None)
+    msa, ffn = pack_sub_blocks(None, np.zeros(5, dtype=bool), tokens, None, 3, 5)
+    assert ffn is None and [(g.start, g.end, g.counts) for g in msa.groups] == [(0, 11, [1, 2, 2, 3, 3])]
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_pack_sub_blocks_matches_a_plain_loop_on_random_masks(seed):
+    """Against the definition: images that run either sub-block, by (head pattern, MSA only / both / FFN only, kept
+    count), each with its kept tokens in order; per pattern, each sub-block's group is the run of its own images."""
+    rng = np.random.default_rng(seed)
+    B, N, H = 17, 7, 3
+    run_msa, run_ffn = rng.random(B) < 0.7, rng.random(B) < 0.7
+    tokens, heads = rng.random((B, N)) < 0.5, rng.random((B, H)) < 0.7
+    msa, ffn = pack_sub_blocks(run_msa, run_ffn, tokens, heads, num_tokens=N, batch_size=B)
+    pattern = [sum(int(h) << j for j, h in enumerate(heads[i])) for i in range(B)]
+    kind = [0 if not run_ffn[i] else 1 if run_msa[i] else 2 for i in range(B)]
+    images = sorted((i for i in range(B) if run_msa[i] or run_ffn[i]),
+                    key=lambda i: (pattern[i], kind[i], tokens[i].sum()))
+    assert msa.rows is ffn.rows
+    assert msa.rows.tolist() == [i * N + t for i in images for t in range(N) if tokens[i, t]]
+    first_row = dict(zip(images, np.cumsum([0] + [int(tokens[i].sum()) for i in images]).tolist()))
+    for packing, run in ((msa, run_msa), (ffn, run_ffn)):
+        expected = []
+        for p in sorted({pattern[i] for i in images}):
+            members = [i for i in images if pattern[i] == p and run[i]]
+            if members:
+                counts = [int(tokens[i].sum()) for i in members]
+                runs = None if p == (1 << H) - 1 else head_runs(p, H)
+                expected.append((first_row[members[0]], first_row[members[0]] + sum(counts), counts, runs))
+        assert [(g.start, g.end, g.counts, g.head_runs) for g in packing.groups] == expected
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16, torch.float16])

@@ -112,14 +112,7 @@ def pack_tokens(
         images, codes, counts = images[order], codes[order], counts[order]
         kept = None if kept is None else kept[order]
 
-    if tokens is None:
-        rows = (images[:, None] * num_tokens + np.arange(num_tokens)).ravel()
-    else:
-        # Kept positions of the (n, N) mask, row-major (images in packed order, tokens ascending), shifted from
-        # each image's place in the mask to its place in the batch. (One flat index is half the cost of a 2-D nonzero.)
-        flat = np.flatnonzero(kept)  # (T,)
-        rows = flat + ((images - np.arange(images.size)) * num_tokens)[flat // num_tokens]  # (T,)
-    rows = torch.from_numpy(rows).to(device)
+    rows = _packed_rows(images, kept, num_tokens, device)
 
     counts_list = counts.tolist()
     if heads is None:
@@ -134,6 +127,86 @@ def pack_tokens(
         groups.append(HeadGroup(row_start, row_end, group_counts, runs))
         image_start, row_start = image_start + size, row_end
     return Packing(rows, groups)
+
+
+def _packed_rows(
+        images: np.ndarray,
+        kept: Optional[np.ndarray],
+        num_tokens: int,
+        device: Optional[torch.device],
+) -> torch.Tensor:
+    """The rows of the flattened (B * N, D) batch that ``images`` (in packed order) keep, image by image.
+
+    Args:
+        images: (n,) images in packed order.
+        kept: (n, N) bool, their kept tokens in that order, or None for all.
+    """
+    if kept is None:
+        rows = (images[:, None] * num_tokens + np.arange(num_tokens)).ravel()
+    else:
+        # Kept positions of the (n, N) mask, row-major (images in packed order, tokens ascending), shifted from
+        # each image's place in the mask to its place in the batch. (One flat index is half the cost of a 2-D nonzero.)
+        flat = np.flatnonzero(kept)  # (T,)
+        rows = flat + ((images - np.arange(images.size)) * num_tokens)[flat // num_tokens]  # (T,)
+    return torch.from_numpy(rows).to(device)
+
+
+def pack_sub_blocks(
+        run_msa: Optional[np.ndarray],
+        run_ffn: Optional[np.ndarray],
+        tokens: Optional[np.ndarray],
+        heads: Optional[np.ndarray],
+        num_tokens: int,
+        batch_size: int,
+        device: Optional[torch.device] = None,
+) -> Tuple[Optional[Packing], Optional[Packing]]:
+    """Plan both sub-blocks of a block whose MSA and FFN run for different images, over one set of rows.
+
+    Each image keeps the same tokens and heads in both sub-blocks (full head deactivation), so one gather of the
+    residual rows of every image that runs either sub-block, and one write-back, serve both, where planning them apart
+    (``pack_tokens``) gathers and writes back twice. Within a head pattern the images go MSA-only, then both, then
+    FFN-only, so that each sub-block's images of a pattern are one contiguous head group: the MSA's groups leave out
+    the FFN-only rows and the FFN's the MSA-only ones. Within a group, images are in ascending token count per kind,
+    not overall.
+
+    Args:
+        run_msa: (B,) bool, images that run the MSA, or None for all.
+        run_ffn: (B,) bool, images that run the FFN, or None for all.
+        tokens, heads, num_tokens, batch_size, device: As ``pack_tokens`` takes them.
+
+    Returns:
+        (MSA packing, FFN packing) with the same ``rows`` tensor; either is None when no image runs its sub-block.
+    """
+    every = np.ones(batch_size, dtype=bool)
+    run_msa, run_ffn = (every if r is None else r for r in (run_msa, run_ffn))
+    images = np.flatnonzero(run_msa | run_ffn)  # (n,)
+    if images.size == 0:
+        return None, None
+    if heads is not None and heads.all():
+        heads = None
+    kind = np.where(run_msa[images], np.where(run_ffn[images], 1, 0), 2)  # (n,) 0: MSA only, 1: both, 2: FFN only
+    kept = None if tokens is None else tokens[images]  # (n, N)
+    counts = np.full(images.size, num_tokens) if kept is None else np.count_nonzero(kept, axis=1)  # (n,)
+    patterns = np.zeros(images.size, dtype=np.int64) if heads is None else \
+        heads[images] @ (1 << np.arange(heads.shape[1]))  # (n,) kept heads as bits
+    order = np.argsort((patterns * 3 + kind) * (num_tokens + 1) + counts, kind='stable')  # pattern, kind, count
+    images, kind, counts, patterns = images[order], kind[order], counts[order], patterns[order]
+    rows = _packed_rows(images, None if kept is None else kept[order], num_tokens, device)
+
+    ends = np.cumsum(counts)  # (n,) each image's last row + 1
+    starts = ends - counts
+    counts_list = counts.tolist()
+    num_heads = None if heads is None else heads.shape[1]
+    msa_groups, ffn_groups = [], []
+    for pattern in np.unique(patterns).tolist():
+        in_pattern = patterns == pattern
+        runs = None if heads is None or pattern == (1 << num_heads) - 1 else head_runs(pattern, num_heads)
+        for groups, member in ((msa_groups, in_pattern & (kind < 2)), (ffn_groups, in_pattern & (kind > 0))):
+            members = np.flatnonzero(member)  # contiguous: kinds are in order within a pattern
+            if members.size:
+                first, last = members[0], members[-1]
+                groups.append(HeadGroup(int(starts[first]), int(ends[last]), counts_list[first:last + 1], runs))
+    return (Packing(rows, msa_groups) if msa_groups else None, Packing(rows, ffn_groups) if ffn_groups else None)
 
 
 def _cached(
@@ -393,8 +466,8 @@ def _attend(qkv: torch.Tensor, groups: List[Tuple[int, int, List[int]]]) -> torc
     Args:
         qkv: (R + 3, dh) rows: head group g's q, k, v as (T_g, h_g, 3, dh) from row ``start_g``, then three spare
             rows, which this zeroes where padded attention slots read them.
-        groups: (start_g, h_g, counts_g) per head group; ``counts_g`` are the tokens of its images, in packed order,
-            which ``pack_tokens`` makes ascending within a group.
+        groups: (start_g, h_g, counts_g) per head group; ``counts_g`` are the tokens of its images, in packed order
+            (``pack_tokens`` makes them ascending within a group).
 
     Returns:
         (R / 3, dh) attention outputs: group g's as (T_g, h_g, dh) from row ``start_g / 3``.
@@ -413,7 +486,7 @@ def _attend(qkv: torch.Tensor, groups: List[Tuple[int, int, List[int]]]) -> torc
     counts = np.concatenate(group_counts)
     heads = np.concatenate([np.full(len(c), h) for (_, h, _), c in zip(groups, group_counts)])
     first_rows = np.concatenate([start + 3 * h * (np.cumsum(c) - c) for (start, h, _), c in zip(groups, group_counts)])
-    if len(groups) > 1:  # within a group, ``pack_tokens`` has already sorted the images by count
+    if len(groups) > 1 or np.any(counts[1:] < counts[:-1]):  # ``pack_tokens``'s single group is sorted already
         order = np.argsort(counts, kind='stable')
         counts, heads, first_rows = counts[order], heads[order], first_rows[order]
     buckets = attention_buckets(counts.tolist(), heads.tolist(), 2 * dh,
@@ -479,12 +552,14 @@ def _msa(
     D = tokens.shape[-1]
     H, dh = attn.num_heads, attn.head_dim
     first = packing.groups[0]
-    if len(packing.groups) == 1 and first.head_runs is None and max(first.counts) * len(first.counts) == len(tokens):
-        # every head, images of equal token counts: timm's own attention module, on (n, L, D)
+    if len(packing.groups) == 1 and first.head_runs is None and first.start == 0 and first.end == len(tokens) \
+            and max(first.counts) * len(first.counts) == len(tokens):
+        # every row, every head, images of equal token counts: timm's own attention module, on (n, L, D)
         return attn(tokens.view(len(first.counts), -1, D)).view(-1, D)
     dtype = _compute_dtype(tokens)
     accumulate = into is not None
-    out = into if accumulate else tokens.new_empty(packing.num_rows, attn.proj.out_features, dtype=dtype)
+    out = into if accumulate else _output_rows(tokens.new_empty((), dtype=dtype), len(tokens),
+                                                attn.proj.out_features, _row_spans(packing.groups))
     proj_t = _transposed(attn.proj)  # (H*dh, D)
     groups = [(g, [(0, H)] if g.head_runs is None else g.head_runs) for g in packing.groups]
     if head_mode == 'full':
@@ -541,13 +616,15 @@ def _ffn(
         into: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """FFN outputs (before ``ls2``) of packed, not yet normed rows (T, D); fc1 reads only kept heads' channels. Added to
-    ``into`` and ``into`` returned, where given and the MLP has no norm or dropout between fc1 and fc2."""
+    ``into`` and ``into`` returned, where given and the MLP has no norm or dropout between fc1 and fc2. Rows outside
+    the packing's groups (another sub-block's, ``pack_sub_blocks``) are left alone, or get 0."""
     mlp = block.mlp
     T = packing.num_rows
     dtype = _compute_dtype(x_ffn)
     hidden_row_bytes = mlp.fc1.out_features * dtype.itemsize
     chunk = max(1, FFN_CHUNK_BYTES.get(x_ffn.device.type, T * hidden_row_bytes) // hidden_row_bytes)  # rows
-    if T <= chunk and len(packing.groups) == 1 and packing.groups[0].head_runs is None:
+    spans = _row_spans(packing.groups)
+    if spans == [(0, len(x_ffn))] and T <= chunk and len(packing.groups) == 1 and packing.groups[0].head_runs is None:
         # One chunk, every head: timm's own MLP, as the dense model runs it. At batch 1, paired in the benchmark's
         # harness (2 threads, Intel Xeon), 1.044x the speed of the buffer path below on DeiT-S at keep 0.7/0.7/0.9
         # (twice) and 1.050x on the Fashion-MNIST AdaViT; a tie with every token kept, and 1.012x on Fashion-MNIST at
@@ -560,14 +637,15 @@ def _ffn(
     fused_fc2 = into is not None and all(isinstance(m, (torch.nn.Identity, torch.nn.Dropout))
                                          for m in (mlp.drop1, mlp.norm, mlp.drop2))  # eval: dropout does nothing
     out = into if fused_fc2 else None
-    hidden_buffer = x_ffn.new_empty(min(chunk, T), mlp.fc1.out_features, dtype=dtype)  # (C, R), reused per chunk
+    longest = max(end - start for start, end in spans)
+    hidden_buffer = x_ffn.new_empty(min(chunk, longest), mlp.fc1.out_features, dtype=dtype)  # (C, R), reused per chunk
     # fc1 reads timm's weight through a transposed view (a range of input channels is a strided row slice of it), not a
     # contiguous (D, R) copy as proj does. Side by side (2 threads, Intel Xeon): 4.6-5.1% faster at DeiT-S batch 1 in
     # `adavit benchmark`'s rotation (a tie with the sparse model alone), 4.9% on Fashion-MNIST at batch 256, a tie at
     # batch 64; for proj the copy measured faster on Fashion-MNIST. And no second copy of fc1's weights is kept.
     fc1_t = mlp.fc1.weight.t()  # (D, R) view
-    for start in range(0, T, chunk):
-        end = min(start + chunk, T)
+    for start, end in ((s, min(s + chunk, span_end)) for span_start, span_end in spans
+                       for s in range(span_start, span_end, chunk)):
         h2 = block.norm2(x_ffn[start:end])  # (C, D)
         hidden = hidden_buffer[:end - start]
         for g in packing.groups:  # each head group's rows in this chunk: fc1 on its kept heads' channels
@@ -588,9 +666,28 @@ def _ffn(
             continue
         y = mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(hidden))))  # (C, D)
         if out is None:
-            out = y.new_empty(T, y.shape[1])
+            out = _output_rows(y, len(x_ffn), y.shape[1], spans)
         out[start:end] = y
     return out
+
+
+def _row_spans(groups: List[HeadGroup]) -> List[Tuple[int, int]]:
+    """The packed rows the head groups cover, as [start, end) ranges, adjacent groups merged."""
+    spans = [(groups[0].start, groups[0].end)]
+    for g in groups[1:]:
+        if g.start == spans[-1][1]:
+            spans[-1] = (spans[-1][0], g.end)
+        else:
+            spans.append((g.start, g.end))
+    return spans
+
+
+def _output_rows(like: torch.Tensor, num_rows: int, width: int, spans: List[Tuple[int, int]]) -> torch.Tensor:
+    """A (num_rows, width) output buffer for a sub-block's rows ``spans``: zeros where they leave rows out, which the
+    caller then adds to rows the sub-block does not run on."""
+    if spans == [(0, num_rows)]:
+        return like.new_empty(num_rows, width)
+    return like.new_zeros(num_rows, width)
 
 
 def _activate(act: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -699,9 +796,11 @@ def _plan_batch(
     """
     device = next((t.device for t in (patch_keep, head_keep, block_keep) if t is not None), None)
     tokens, heads, run_msa, run_ffn = batch_masks(patch_keep, head_keep, block_keep)  # then NumPy (``pack_tokens``)
-    msa = pack_tokens(run_msa, tokens, heads, num_tokens, batch_size, device)
     # Partial deactivation leaves the FFN whole, so its tokens need no head grouping.
     ffn_heads = heads if head_mode == 'full' else None
+    if ffn_heads is heads and (run_msa is not None or run_ffn is not None):
+        return pack_sub_blocks(run_msa, run_ffn, tokens, heads, num_tokens, batch_size, device)
+    msa = pack_tokens(run_msa, tokens, heads, num_tokens, batch_size, device)
     if run_ffn is None and run_msa is None and ffn_heads is heads:
         return msa, msa  # the same images, tokens and head groups: plan once
     return msa, pack_tokens(run_ffn, tokens, ffn_heads, num_tokens, batch_size, device)
