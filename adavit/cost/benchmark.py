@@ -11,7 +11,8 @@ On CPU the benchmark first pins glibc's allocator (``pin_allocator``). By defaul
 kernel when they are freed, so a model whose intermediates are large pays page faults on every call, and how many
 depends on what the process allocated before: the dense Fashion-MNIST model at batch 256 (20 MB FFN activations) took
 12,000 page faults per forward by default and none pinned, and its speed swung from 1,200 to 2,000 images/s between
-runs. Pinned, neither model pays them, so the baseline is the dense model at its best, and runs agree.
+runs. Pinned (with mmap off, so that blocks over 32 MB are kept too), neither model pays them, so the baseline is the
+dense model at its best, and runs agree.
 
 Both models run under ``torch.inference_mode()``, as a deployment would: ``no_grad`` still keeps autograd's view and
 version bookkeeping on every op, which costs the sparse executor, with its packing and slicing, about 2% of a
@@ -70,8 +71,9 @@ def pin_allocator() -> str:
     Turns off glibc's dynamic thresholds and its use of mmap, so that repeated forwards reuse memory instead of
     faulting in fresh pages. The threshold alone does not do it for blocks over 32 MB (the most glibc accepts), which
     are still mapped and unmapped on every call: the dense DeiT-S at batch 64 (77 MB FFN activations) took 430,000
-    page faults a forward with only the threshold pinned and ran 1.16x as slow as with mmap off (2.78 against 2.39 s, 2
-    threads, Intel Xeon). It changes this process's allocator for good, which a benchmark process can afford.
+    page faults a forward with only the threshold pinned, none with mmap off, and took 2.78 against 2.39 s (medians of 4
+    forwards, one process each way, 2 threads, Intel Xeon). It changes this process's allocator for good, which a
+    benchmark process can afford.
 
     Returns:
         ``"glibc pinned"``, or ``"default"`` where the C library is not glibc.

@@ -3,7 +3,8 @@
 Per block, for each sub-block (MSA, FFN):
 
 * only the images that run it are processed, and of those only their kept tokens, packed across the batch, so that
-  token-wise layers (norms, linears, MLP) run once on a (T, D) matrix of real tokens;
+  token-wise layers (norms, linears, MLP) run once on a (T, D) matrix of real tokens; where the MSA and the FFN run for
+  different images, both work on one gathered set of rows, each on its own images' (``pack_sub_blocks``);
 * images are grouped by their head pattern; a group's q, k, v, proj and (full deactivation) fc1 use only its kept
   heads' weights, so a dropped head costs nothing. Each contiguous range of kept heads is a slice of the (re-laid-out,
   cached) weights with a matmul of its own; only many ranges are gathered into one matrix (``GATHER_FROM_RUNS``);
