@@ -137,7 +137,8 @@ def test_sparse_matches_masked_when_the_ffn_runs_in_row_chunks(monkeypatch, chun
                                         decisions.patch.shape[2], 9, head_mode)
             spans = sparse._row_spans(ffn.groups)  # chunks restart where the MSA-only images' rows leave a gap
             assert sum(end - start for start, end in spans) == rows
-            assert calls[1:] == [min(chunk_rows, end - s) for start, end in spans for s in range(start, end, chunk_rows)]
+            assert calls[1:] == [min(chunk_rows, end - s) for start, end in spans
+                                 for s in range(start, end, chunk_rows)]
 
 
 @pytest.mark.parametrize('init_values', [None, 0.5])
@@ -297,8 +298,10 @@ def test_pack_sub_blocks_shares_rows_and_leaves_each_sub_block_its_own_images():
     assert msa.rows is ffn.rows
     # pattern 0b01: image 3 (both); pattern 0b11: image 1 (MSA only), image 0 (both), image 2 (FFN only)
     assert msa.rows.tolist() == [9, 11, 3, 0, 1, 6, 7, 8]
-    assert [(g.start, g.end, g.counts, g.head_runs) for g in msa.groups] == [(0, 2, [2], [(0, 1)]), (2, 5, [1, 2], None)]
-    assert [(g.start, g.end, g.counts, g.head_runs) for g in ffn.groups] == [(0, 2, [2], [(0, 1)]), (3, 8, [2, 3], None)]
+    def groups(packing):
+        return [(g.start, g.end, g.counts, g.head_runs) for g in packing.groups]
+    assert groups(msa) == [(0, 2, [2], [(0, 1)]), (2, 5, [1, 2], None)]
+    assert groups(ffn) == [(0, 2, [2], [(0, 1)]), (3, 8, [2, 3], None)]
     assert sparse._row_spans(ffn.groups) == [(0, 2), (3, 8)]
     assert pack_sub_blocks(np.zeros(5, dtype=bool), np.zeros(5, dtype=bool), tokens, heads, 3, 5) == (None, None)
     msa, ffn = pack_sub_blocks(None, np.zeros(5, dtype=bool), tokens, None, 3, 5)

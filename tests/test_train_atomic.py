@@ -15,17 +15,16 @@ from adavit.training.checkpoint import load_model, read_checkpoint, save_atomic
 HANGING_WRITER = r'''
 import os, sys, time
 import adavit.training.checkpoint as ck
-real_write, calls = ck._write, []
-def hanging_write(obj, path):
-    calls.append(path)
+real_serialise, calls = ck._serialise, []
+def hanging_serialise(obj, f):
+    calls.append(f.name)
     if len(calls) == 2:
-        with open(path, 'wb') as f:
-            f.write(b'PK\x03\x04' + b'\0' * 4096)  # the start of a zip, like a torch.save cut short
-            f.flush()
+        f.write(b'PK\x03\x04' + b'\0' * 4096)  # the start of a zip, like a torch.save cut short
+        f.flush()
         open(os.environ['HANG_MARKER'], 'w').close()
         time.sleep(600)
-    real_write(obj, path)
-ck._write = hanging_write
+    real_serialise(obj, f)
+ck._serialise = hanging_serialise
 from adavit.cli.main import main
 sys.exit(main(sys.argv[1:]))
 '''

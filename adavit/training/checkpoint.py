@@ -10,50 +10,30 @@ A checkpoint is a dict of tensors and plain Python values only, so ``torch.load(
 * ``rng``: one dict of RNG states per rank; ``random_policy``: the random policy's generator state;
 * ``init`` (what the run started from) and ``backbone`` (the dense backbone checkpoint, for ``--compare-dense``).
 """
-import os
 import random
-from typing import Any, Dict, List, Mapping, Optional
+from typing import IO, Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..files import write_atomic
 from ..model.checkpoint import load_checkpoint_file
 
 FORMAT = 'adavit-train-1'
 
 
-def _write(obj: Any, path: str) -> None:
-    """Serialise ``obj`` to ``path`` and make it durable (the one place that writes checkpoint bytes)."""
-    with open(path, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+def _serialise(obj: Any, f: IO) -> None:
+    """Write ``obj``'s bytes to the open file ``f`` (the one place that writes checkpoint bytes)."""
+    torch.save(obj, f)
 
 
 def save_atomic(obj: Any, path: str) -> None:
-    """Write ``obj`` to ``path`` so that ``path`` always holds either the previous file or the new one, complete.
-
-    The bytes go to a temporary file in the same folder first; ``os.replace`` then swaps it in atomically, so a crash
-    or a kill during the write leaves the previous checkpoint untouched.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp.{os.getpid()}')
-    try:
-        _write(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    try:  # make the rename itself durable
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    """Write ``obj`` to ``path`` so that ``path`` always holds either the previous file or the new one, complete, and
+    synced to disk (``files.write_atomic``): a crash or a kill during the write leaves the previous checkpoint
+    untouched."""
+    write_atomic(path, lambda f: _serialise(obj, f), binary=True, durable=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def patch_overlay_figure(
     grey_cmap = images.shape[-1] == 1
     for i in range(B):
         columns = [images[i].astype(np.float64)]
-        columns += [overlay(images[i], dec[i, l], patch_size, fade) for l in range(depth)]
+        columns += [overlay(images[i], dec[i, layer], patch_size, fade) for layer in range(depth)]
         for c, shown in enumerate(columns):
             ax = axes[i, c]
             if grey_cmap:

@@ -12,7 +12,7 @@ from .figures import DPI, plt, save_figure
 
 
 def _layer_labels(depth: int, gated: Optional[Sequence[bool]]) -> list:
-    return [f'{l}' + ('' if gated is None or gated[l] else ' (fixed)') for l in range(depth)]
+    return [f'{layer}' + ('' if gated is None or gated[layer] else ' (fixed)') for layer in range(depth)]
 
 
 def _heatmap(ax: 'plt.Axes', data: np.ndarray, xlabels: Sequence[str], ylabels: Sequence[str], title: str) -> None:
@@ -64,8 +64,8 @@ def usage_figure(
     ax_p.invert_yaxis()  # layer 0 on top, as in the heatmaps
     ax_p.set_xlabel('fraction of patches kept')
     ax_p.set_title('patches kept', fontsize=9)
-    for l, v in enumerate(patch_keep):
-        ax_p.text(v + 0.01, l, f'{v:.2f}', va='center', fontsize=6)
+    for layer, v in enumerate(patch_keep):
+        ax_p.text(v + 0.01, layer, f'{v:.2f}', va='center', fontsize=6)
     fig.tight_layout()
     return fig
 
