@@ -14,7 +14,6 @@ Stages (each prints a header and shows progress bars):
 Everything is computed here; ``adavit.visualize.write_report`` only lays it out.
 """
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cost.benchmark import cpu_name
+from .cost.benchmark import machine_info
 from .errors import CheckpointError, ConfigError
 from .files import write_json
 from .gates.budget import random_patch_keep_for_cost
@@ -434,7 +433,6 @@ class Demo:
 
     def _summary(self, models: Dict[str, Dict[str, Any]], figures: Mapping[str, str], curve: Sequence[Any],
                  stats: Any, checkpoint: str) -> Dict[str, Any]:
-        import timm
         s = self.s
         config = self.train_config
         train_cmd = [f'adavit train --config {s.config} --init {s.backbone} --output {config["output"]}',
@@ -455,10 +453,7 @@ class Demo:
             eval_cmd += f' --subset {s.eval_subset}'
         return {
             'commands': {'demo': s.command, 'fine-tune': ' '.join(train_cmd) + ' --overwrite', 'evaluate': eval_cmd},
-            'machine': {'torch': torch.__version__, 'timm': timm.__version__, 'python': platform.python_version(),
-                        'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
-                        'processor': cpu_name(), 'platform': platform.platform(),
-                        'device': 'cpu'},
+            'machine': machine_info(),
             'settings': {'epochs': s.epochs, 'max_steps': s.max_steps, 'subset': s.subset,
                          'test_images': int(stats.num_images), 'curve_images': int(self.curve_images),
                          'thresholds': [float(t) for t in s.thresholds],
@@ -527,7 +522,7 @@ def report_notes(summary: Mapping[str, Any]) -> str:
         'backbone is timm\'s plain ViT, of the others AdaViT\'s sparse executor; "speedup" divides by the dense ViT '
         'timed in the same rounds.',
         '',
-        f'Machine: {m["processor"]}, {m["cpu_count"]} CPU cores, {m["threads"]} torch threads, torch {m["torch"]}, '
+        f'Machine: {m["cpu"]}, {m["cores"]} CPU cores, {m["threads"]} torch threads, torch {m["torch"]}, '
         f'timm {m["timm"]}, Python {m["python"]} ({m["platform"]}).',
         '',
         'Commands:',

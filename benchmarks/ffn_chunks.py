@@ -17,7 +17,7 @@ import timm
 import torch
 
 import adavit  # noqa: F401 (registers the AdaViT models)
-from adavit.cost.benchmark import ExecutorView, cpu_name, interleaved_medians, pin_allocator, timer
+from adavit.cost.benchmark import ExecutorView, interleaved_medians, machine_info, pin_allocator, timer
 from adavit.cost.macs import decision_macs, dense_macs
 from adavit.execution import sparse
 from adavit.files import write_json
@@ -93,12 +93,12 @@ def main(argv: List[str]) -> Dict[str, object]:
                      'speed_vs_one_pass': baseline / seconds if baseline else None,
                      'efficiency': medians['dense'] / seconds / mac_ratio})
     result = {'benchmark': 'ffn_chunks', 'model': args.model, 'keep': args.keep, 'batch_size': args.batch_size,
-              'threads': torch.get_num_threads(), 'device': 'cpu', 'cpu': cpu_name(), 'torch': torch.__version__,
-              'allocator': allocator, 'inputs': args.inputs, 'repeats': args.repeats, 'with_masked': args.with_masked,
+              'threads': torch.get_num_threads(), 'machine': machine_info(), 'allocator': allocator,
+              'inputs': args.inputs, 'repeats': args.repeats, 'with_masked': args.with_masked,
               'mac_ratio': mac_ratio, 'dense_ms': medians['dense'] * 1e3, 'rows': rows}
     print(f'# {args.model}, keep {args.keep}, batch {args.batch_size}, {result["threads"]} threads, cpu fp32, '
           f'{args.inputs} inputs x {args.repeats} rounds (medians){", masked in rotation" if args.with_masked else ""}')
-    print(f'# machine: {result["cpu"]}; dense {result["dense_ms"]:.1f} ms, MAC ratio {mac_ratio:.2f}')
+    print(f'# machine: {result["machine"]["cpu"]}; dense {result["dense_ms"]:.1f} ms, MAC ratio {mac_ratio:.2f}')
     print(f'{"FFN chunks":>12}{"sparse ms":>11}{"img/s":>8}{"vs one pass":>13}{"efficiency":>12}')
     for r in rows:
         vs = f'{r["speed_vs_one_pass"]:.3f}' if r['speed_vs_one_pass'] else '-'

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 import adavit
-from adavit.cost.benchmark import cpu_name
+from adavit.cost.benchmark import machine_info
 from adavit.files import write_json
 from adavit.model import gate_keys
 
@@ -107,8 +107,7 @@ def main(argv: List[str]) -> Dict[str, object]:
         'median_s': med, 'times_s': times, 'ratio_adavit_over_dense': med['adavit'] / med['dense'],
         'images_per_s': {k: args.batch_size / v for k, v in med.items()},
         'keep_rates': {k: statistics.mean(v) for k, v in rates.items() if k.startswith('keep_')},
-        'torch': torch.__version__, 'cpu': cpu_name(),
-        'device': 'cpu',
+        'machine': machine_info(),
     }
     print(f'{args.model} img {args.img_size} batch {args.batch_size}, {result["threads"]} threads, '
           f'{args.iters} steps (median), forward + backward')

@@ -6,6 +6,7 @@ import os
 import platform
 
 import pytest
+import timm
 import torch
 
 from adavit import AdaViT
@@ -111,6 +112,9 @@ def test_benchmark_cli_keep_all_costs_exactly_the_dense_model(tmp_path, capsys):
     assert 'efficiency' in printed
     # every figure names the processor it was measured on
     assert result['machine']['cpu'] == cpu_name() and f'# machine: {cpu_name()}, ' in printed
+    machine = result['machine']
+    assert machine['threads'] == 1 and machine['device'] == 'cpu' and machine['cuda'] is None
+    assert machine['cores'] == os.cpu_count() and machine['timm'] == timm.__version__
 
 
 def test_cpu_name_reads_the_model_name_and_falls_back_to_platform(tmp_path):

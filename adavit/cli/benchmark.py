@@ -1,12 +1,11 @@
 """``adavit benchmark``: dense timm vs AdaViT sparse vs AdaViT masked, interleaved; prints a table, writes JSON."""
 import argparse
-import os
 from typing import List, Optional
 
 import timm
 import torch
 
-from ..cost.benchmark import (ACCELERATOR_WARMUP_CALLS, batches_per_round, cpu_name, format_rows, measure_speed,
+from ..cost.benchmark import (ACCELERATOR_WARMUP_CALLS, batches_per_round, format_rows, machine_info, measure_speed,
                               rows_as_dicts)
 from ..errors import ConfigError
 from ..files import write_json
@@ -83,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
     needed = max(b * batches_per_round(b, args.images_per_round) for b in args.batch_sizes)  # the largest round
     images = validation_images(model, args, needed)
     print(f'# inputs: {f"{len(images)} validation images" if images is not None else "Gaussian noise"}', flush=True)
-    machine = {'cpu': cpu_name(), 'cores': os.cpu_count(), 'torch': torch.__version__,
-               'cuda': torch.cuda.get_device_name() if args.device.startswith('cuda') else None}
+    machine = machine_info(args.device)
     where = machine['cuda'] or f"{machine['cpu']}, {machine['cores']} cores"
     print(f'# machine: {where}, torch {machine["torch"]}', flush=True)
     rows = measure_speed(model, args.batch_sizes, args.threads, args.device, args.dtype, args.warmup, args.repeats,

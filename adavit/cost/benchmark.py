@@ -20,12 +20,14 @@ Fashion-MNIST batch of 256 (the dense model 0.7%).
 """
 import contextlib
 import ctypes
+import os
 import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import timm
 import torch
 from torch import nn
 
@@ -100,6 +102,15 @@ def cpu_name(cpuinfo: str = '/proc/cpuinfo') -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine_info(device: str = 'cpu') -> Dict[str, Any]:
+    """What a figure was measured on, for its JSON: processor, cores, torch threads, library versions, and the GPU where
+    ``device`` is one."""
+    return {'cpu': cpu_name(), 'cores': os.cpu_count(), 'threads': torch.get_num_threads(),
+            'torch': torch.__version__, 'timm': timm.__version__, 'python': platform.python_version(),
+            'platform': platform.platform(), 'device': device,
+            'cuda': torch.cuda.get_device_name(device) if device.startswith('cuda') else None}
 
 
 def _sync(device: torch.device) -> None:
