@@ -10,11 +10,13 @@ import timm
 import torch
 
 from adavit import AdaViT
-from adavit.cli.benchmark import validation_images
+from adavit.cli import benchmark as benchmark_cli
+from adavit.cli.benchmark import build_model, validation_images
 from adavit.cli.main import main
 from adavit.cost.benchmark import (ACCELERATOR_WARMUP_CALLS, balanced_orders, cpu_name, format_rows,
                                    interleaved_medians, measure_speed, pin_allocator, warmup_rounds)
 from adavit.cost.macs import decision_macs, dense_macs
+from adavit.gates.budget import eval_keep_rates
 from adavit.training.checkpoint import load_model
 
 
@@ -125,6 +127,32 @@ def test_cpu_name_reads_the_model_name_and_falls_back_to_platform(tmp_path):
     cpuinfo.write_text('processor\t: 0\nBogoMIPS\t: 50.00\n')  # no model name (some ARM kernels)
     assert cpu_name(str(cpuinfo)) == (platform.processor() or platform.machine())
     assert cpu_name(str(tmp_path / 'missing')) == (platform.processor() or platform.machine())
+
+
+def test_benchmark_cli_gates_policy_times_per_image_decisions_of_the_decision_networks(tmp_path, capsys, monkeypatch):
+    """--policy gates: the decision networks at their initial weights, thresholds set to --keep on noise images; each
+    image gets its own decisions, and the run is the same in every process (seeded weights)."""
+    monkeypatch.setattr(benchmark_cli, 'GATE_CALIBRATION_IMAGES', 6)
+    out = tmp_path / 'speed.json'
+    args = ['benchmark', '--model', 'adavit_deit_tiny_patch16_224', '--policy', 'gates', '--keep', '0.6,0.7,0.9',
+            '--batch-sizes', '4', '--warmup', '0', '--repeats', '1', '--images-per-round', '4', '--threads', '1',
+            '--json', str(out)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert result['decisions'] == 'gates' and result['keep'] == [0.6, 0.7, 0.9] and '# gates: thresholds set' in printed
+    row = result['rows'][0]
+    assert 1.3 < row['mac_ratio'] < 3.0  # about the cost the keep-rates give
+    model = build_model(argparse.Namespace(checkpoint=None, model='adavit_deit_tiny_patch16_224', policy='gates',
+                                           keep=[0.6, 0.7, 0.9]))
+    assert {k: getattr(model, f'{k}_threshold') for k in ('patch', 'head', 'block')} == result['thresholds']
+    with torch.inference_mode():
+        _, decisions = model(torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(2)),
+                             return_decisions=True)
+    rates = eval_keep_rates(decisions)
+    assert rates['patch'] == pytest.approx(0.6, abs=0.05) and rates['head'] == pytest.approx(0.7, abs=0.1)
+    per_image = decision_macs(model, decisions)
+    assert per_image.std() > 0.01 * per_image.mean()  # decisions differ from image to image
 
 
 def test_benchmark_cli_rejects_unknown_model(capsys):

@@ -1,6 +1,6 @@
 """``adavit benchmark``: dense timm vs AdaViT sparse vs AdaViT masked, interleaved; prints a table, writes JSON."""
 import argparse
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import timm
 import torch
@@ -9,6 +9,7 @@ from ..cost.benchmark import (ACCELERATOR_WARMUP_CALLS, batches_per_round, forma
                               rows_as_dicts)
 from ..errors import ConfigError
 from ..files import write_json
+from ..gates.budget import calibrate_thresholds
 from ..model.adavit import AdaViT
 
 
@@ -23,10 +24,14 @@ def _ints(text: str) -> List[int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model', default='adavit_deit_small_patch16_224', help='registered AdaViT name')
     parser.add_argument('--checkpoint', default=None, help='time a trained checkpoint with its own learned decisions')
-    parser.add_argument('--policy', choices=('random', 'keep-all'), default='random',
-                        help='decisions for --model: random at --keep (frozen per input), or keep everything')
+    parser.add_argument('--policy', choices=('random', 'gates', 'keep-all'), default='random',
+                        help='decisions for --model: random at --keep (frozen per input); gates: the decision '
+                             'networks at their initial weights, thresholds set to keep --keep on noise images, so '
+                             'that each image gets its own decisions from its content, as with trained gates; or '
+                             'keep everything')
     parser.add_argument('--keep', type=_floats, default=[0.7, 0.7, 0.9],
-                        help='random keep probabilities patch,head,block (default about half the dense MACs)')
+                        help='keep-rates patch,head,block of the random policy or the gates (default about half the '
+                             'dense MACs)')
     parser.add_argument('--batch-sizes', type=_ints, default=[1, 64])
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: as torch starts)')
     parser.add_argument('--device', default='cpu', help='cpu or cuda')
@@ -52,9 +57,32 @@ def build_model(args: argparse.Namespace) -> AdaViT:
     if args.model not in timm.list_models('ada*'):
         raise ConfigError(f'unknown model {args.model!r}: choose from {timm.list_models("ada*")}')
     keep = [1.0, 1.0, 1.0] if args.policy == 'keep-all' else args.keep
-    if len(keep) != 3:
-        raise ConfigError(f'--keep takes three probabilities patch,head,block, got {args.keep}')
-    return timm.create_model(args.model, policy='random', random_keep=keep)
+    if len(keep) != 3 or not all(0.0 <= k <= 1.0 for k in keep):
+        raise ConfigError(f'--keep takes three keep-rates patch,head,block in [0, 1], got {args.keep}')
+    if args.policy != 'gates':
+        return timm.create_model(args.model, policy='random', random_keep=keep)
+    with torch.random.fork_rng():  # the gates' initial weights, the same in every run
+        torch.manual_seed(0)
+        model = timm.create_model(args.model, policy='learned')
+    reached = calibrate_gates(model, keep)
+    print(f'# gates: thresholds set on {GATE_CALIBRATION_IMAGES} noise images to keep patch {reached["patch"]:.3f}, '
+          f'head {reached["head"]:.3f}, block {reached["block"]:.3f}', flush=True)
+    return model
+
+
+# The gates' thresholds are set on this many Gaussian-noise images (their own seed: not the timed inputs).
+GATE_CALIBRATION_IMAGES = 16
+
+
+def calibrate_gates(model: AdaViT, keep: List[float]) -> Dict[str, float]:
+    """Set ``model``'s thresholds so that its decision networks keep the fractions ``keep`` (patch, head, block) of
+    noise images, and return the keep-rates reached. At their initial weights the networks' logits vary with the
+    input, so each image gets decisions of its own, at the cost of the networks themselves."""
+    channels, (height, width) = model.patch_embed.proj.in_channels, model.patch_embed.img_size
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(GATE_CALIBRATION_IMAGES, channels, height, width, generator=generator)
+    with torch.inference_mode():
+        return calibrate_thresholds(model, images, patch=keep[0], head=keep[1], block=keep[2], steps=10)
 
 
 def validation_images(model: AdaViT, args: argparse.Namespace, count: int) -> Optional[torch.Tensor]:
@@ -76,8 +104,9 @@ def run(args: argparse.Namespace) -> int:
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise ConfigError('--device cuda asked for, but torch sees no CUDA device')
     model = build_model(args)
-    print(f'# {args.checkpoint or args.model}, decisions: '
-          f'{"learned" if args.checkpoint else args.policy}{"" if args.checkpoint else f" keep={model.random_keep}"}',
+    keep = None if args.checkpoint else [1.0] * 3 if args.policy == 'keep-all' else list(args.keep)
+    decisions = 'learned' if args.checkpoint else args.policy
+    print(f'# {args.checkpoint or args.model}, decisions: {decisions}{"" if keep is None else f" keep={tuple(keep)}"}',
           flush=True)
     needed = max(b * batches_per_round(b, args.images_per_round) for b in args.batch_sizes)  # the largest round
     images = validation_images(model, args, needed)
@@ -91,8 +120,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         result = {
             'model': args.checkpoint or args.model,
-            'decisions': 'learned' if args.checkpoint else args.policy,
-            'keep': None if args.checkpoint else list(model.random_keep),
+            'decisions': decisions,
+            'keep': keep,
+            'thresholds': None if model.policy == 'random' else
+            {k: getattr(model, f'{k}_threshold') for k in ('patch', 'head', 'block')},
             'inputs': 'validation images' if images is not None else 'gaussian noise',
             'machine': machine,
             # rounds as asked; on an accelerator each model also has ACCELERATOR_WARMUP_CALLS untimed calls at least
