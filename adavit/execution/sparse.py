@@ -96,38 +96,8 @@ def pack_tokens(
         heads = None
     if run is None and tokens is None and heads is None:
         return Packing(None, [HeadGroup(0, batch_size * num_tokens, [num_tokens] * batch_size, None)])
-
-    images = np.arange(batch_size) if run is None else np.flatnonzero(run)  # (n,)
-    if images.size == 0:
-        return None
-    # Order the images by head pattern, then by kept-token count: a head group is then contiguous, and within it images
-    # of similar length are neighbours.
-    kept = None if tokens is None else tokens[images]  # (n, N)
-    counts = np.full(images.size, num_tokens) if kept is None else np.count_nonzero(kept, axis=1)  # (n,)
-    codes = counts
-    if heads is not None:
-        patterns = heads[images] @ (1 << np.arange(heads.shape[1]))  # (n,) kept heads as bits
-        codes = patterns * (num_tokens + 1) + counts  # pattern, then count
-    if images.size > 1 and (heads is not None or tokens is not None):
-        order = np.argsort(codes, kind='stable')
-        images, codes, counts = images[order], codes[order], counts[order]
-        kept = None if kept is None else kept[order]
-
-    rows = _packed_rows(images, kept, num_tokens, device)
-
-    counts_list = counts.tolist()
-    if heads is None:
-        return Packing(rows, [HeadGroup(0, rows.numel(), counts_list, None)])
-    patterns, sizes = np.unique(codes // (num_tokens + 1), return_counts=True)  # ascending, as the images are
-    groups, image_start, row_start = [], 0, 0
-    num_heads = heads.shape[1]
-    for pattern, size in zip(patterns.tolist(), sizes.tolist()):
-        group_counts = counts_list[image_start:image_start + size]
-        row_end = row_start + sum(group_counts)
-        runs = None if pattern == (1 << num_heads) - 1 else head_runs(pattern, num_heads)
-        groups.append(HeadGroup(row_start, row_end, group_counts, runs))
-        image_start, row_start = image_start + size, row_end
-    return Packing(rows, groups)
+    # One sub-block is the case of two that run for the same images.
+    return pack_sub_blocks(run, run, tokens, heads, num_tokens, batch_size, device)[0]
 
 
 def _packed_rows(
@@ -178,14 +148,16 @@ def pack_sub_blocks(
     Returns:
         (MSA packing, FFN packing) with the same ``rows`` tensor; either is None when no image runs its sub-block.
     """
+    same_images = run_msa is run_ffn  # ``pack_tokens``: one sub-block
     every = np.ones(batch_size, dtype=bool)
     run_msa, run_ffn = (every if r is None else r for r in (run_msa, run_ffn))
-    images = np.flatnonzero(run_msa | run_ffn)  # (n,)
+    images = np.flatnonzero(run_msa if same_images else run_msa | run_ffn)  # (n,)
     if images.size == 0:
         return None, None
     if heads is not None and heads.all():
         heads = None
-    kind = np.where(run_msa[images], np.where(run_ffn[images], 1, 0), 2)  # (n,) 0: MSA only, 1: both, 2: FFN only
+    kind = np.ones(images.size, dtype=np.int64) if same_images else \
+        np.where(run_msa[images], np.where(run_ffn[images], 1, 0), 2)  # (n,) 0: MSA only, 1: both, 2: FFN only
     kept = None if tokens is None else tokens[images]  # (n, N)
     counts = np.full(images.size, num_tokens) if kept is None else np.count_nonzero(kept, axis=1)  # (n,)
     patterns = np.zeros(images.size, dtype=np.int64) if heads is None else \
@@ -198,15 +170,26 @@ def pack_sub_blocks(
     starts = ends - counts
     counts_list = counts.tolist()
     num_heads = None if heads is None else heads.shape[1]
-    msa_groups, ffn_groups = [], []
-    for pattern in np.unique(patterns).tolist():
-        in_pattern = patterns == pattern
-        runs = None if heads is None or pattern == (1 << num_heads) - 1 else head_runs(pattern, num_heads)
-        for groups, member in ((msa_groups, in_pattern & (kind < 2)), (ffn_groups, in_pattern & (kind > 0))):
-            members = np.flatnonzero(member)  # contiguous: kinds are in order within a pattern
-            if members.size:
-                first, last = members[0], members[-1]
-                groups.append(HeadGroup(int(starts[first]), int(ends[last]), counts_list[first:last + 1], runs))
+
+    def head_groups(member: np.ndarray) -> List[HeadGroup]:
+        """One group per head pattern of the images ``member`` marks, which are contiguous within a pattern."""
+        members = np.flatnonzero(member)
+        if not members.size:
+            return []
+        if heads is None:  # one pattern
+            found, firsts, sizes = [0], [0], [members.size]
+        else:
+            found, firsts, sizes = (a.tolist() for a in np.unique(patterns[members], return_index=True,
+                                                                  return_counts=True))  # ascending
+        groups = []
+        for pattern, first, size in zip(found, members[firsts].tolist(), sizes):
+            last = first + size - 1
+            runs = None if heads is None or pattern == (1 << num_heads) - 1 else head_runs(pattern, num_heads)
+            groups.append(HeadGroup(int(starts[first]), int(ends[last]), counts_list[first:last + 1], runs))
+        return groups
+
+    msa_groups = head_groups(kind < 2)
+    ffn_groups = msa_groups if same_images else head_groups(kind > 0)
     return (Packing(rows, msa_groups) if msa_groups else None, Packing(rows, ffn_groups) if ffn_groups else None)
 
 
