@@ -542,8 +542,7 @@ def _msa(
         return attn(tokens.view(len(first.counts), -1, D)).view(-1, D)
     dtype = _compute_dtype(tokens)
     accumulate = into is not None
-    out = into if accumulate else _output_rows(tokens.new_empty((), dtype=dtype), len(tokens),
-                                                attn.proj.out_features, _row_spans(packing.groups))
+    out = into if accumulate else _output_rows(tokens, attn.proj.out_features, _row_spans(packing.groups), dtype)
     proj_t = _transposed(attn.proj)  # (H*dh, D)
     groups = [(g, [(0, H)] if g.head_runs is None else g.head_runs) for g in packing.groups]
     if head_mode == 'full':
@@ -650,7 +649,7 @@ def _ffn(
             continue
         y = mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(hidden))))  # (C, D)
         if out is None:
-            out = _output_rows(y, len(x_ffn), y.shape[1], spans)
+            out = _output_rows(x_ffn, y.shape[1], spans, y.dtype)
         out[start:end] = y
     return out
 
@@ -666,12 +665,12 @@ def _row_spans(groups: List[HeadGroup]) -> List[Tuple[int, int]]:
     return spans
 
 
-def _output_rows(like: torch.Tensor, num_rows: int, width: int, spans: List[Tuple[int, int]]) -> torch.Tensor:
-    """A (num_rows, width) output buffer for a sub-block's rows ``spans``: zeros where they leave rows out, which the
-    caller then adds to rows the sub-block does not run on."""
-    if spans == [(0, num_rows)]:
-        return like.new_empty(num_rows, width)
-    return like.new_zeros(num_rows, width)
+def _output_rows(rows: torch.Tensor, width: int, spans: List[Tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
+    """A (T, width) output buffer for a sub-block's ``spans`` of the (T, D) ``rows``: zeros where they leave rows out,
+    which the caller then adds to rows the sub-block does not run on."""
+    if spans == [(0, len(rows))]:
+        return rows.new_empty(len(rows), width, dtype=dtype)
+    return rows.new_zeros(len(rows), width, dtype=dtype)
 
 
 def _activate(act: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
