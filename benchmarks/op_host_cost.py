@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adavit.cost.benchmark import DTYPES
+from adavit.cost.benchmark import DTYPES, machine_info
 from adavit.files import write_json
 
 
@@ -76,8 +76,9 @@ def main(argv: List[str]) -> Dict[str, object]:
                      ('index_copy_', lambda i: x.index_copy_(0, indices[i % 8], source[:indices[i % 8].numel()])),
                      ('add_', lambda i: x[:args.rows].add_(source))):
         rows.append({'op': name, 'rows': 'new', 'host_us': host_microseconds(op, args.calls, sync)})
-    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu, {torch.get_num_threads()} threads'
-    result = {'benchmark': 'op_host_cost', 'device': where, 'dtype': args.dtype, 'torch': torch.__version__,
+    machine = machine_info(args.device)
+    where = machine['cuda'] or f"{machine['cpu']}, {machine['threads']} threads"
+    result = {'benchmark': 'op_host_cost', 'machine': machine, 'dtype': args.dtype,
               'rows': args.rows, 'calls': args.calls, 'results': rows}
     print(f'# host microseconds a call (median of {args.calls}), {where}, {args.dtype}, about {args.rows} rows')
     print(f'{"op":>20}{"row count":>18}{"host us":>10}')

@@ -22,7 +22,7 @@ import torch
 from torch.nn.attention import SDPBackend
 
 import adavit  # noqa: F401 (registers the AdaViT models)
-from adavit.cost.benchmark import DTYPES, ExecutorView, interleaved_medians, timer
+from adavit.cost.benchmark import DTYPES, ExecutorView, interleaved_medians, machine_info, timer
 from adavit.execution import sparse, sparse_accelerator
 from adavit.files import write_json
 
@@ -101,9 +101,10 @@ def main(argv: List[str]) -> Dict[str, object]:
              'decisions': 'new every call' if name.endswith('new') else 'same per input', 'ms': seconds * 1e3,
              'images_per_s': args.batch_size / seconds, 'speedup': medians['dense'] / seconds}
             for name, seconds in medians.items() if name != 'dense']
-    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu, {torch.get_num_threads()} threads'
+    machine = machine_info(args.device)
+    where = machine['cuda'] or f"{machine['cpu']}, {machine['threads']} threads"
     result = {'benchmark': 'padded_attention', 'model': args.model, 'keep': args.keep, 'batch_size': args.batch_size,
-              'device': where, 'dtype': args.dtype, 'torch': torch.__version__, 'inputs': args.inputs,
+              'machine': machine, 'dtype': args.dtype, 'inputs': args.inputs,
               'repeats': args.repeats, 'dense_ms': medians['dense'] * 1e3, 'rows': rows}
     print(f'# {args.model}, keep {args.keep}, batch {args.batch_size}, {where}, {args.dtype}, '
           f'{args.inputs} inputs x {args.repeats} rounds (medians); dense {result["dense_ms"]:.2f} ms')
