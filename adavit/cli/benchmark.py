@@ -47,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--json', default='benchmarks/results/speed.json', help='where to write the results')
 
 
+def _keep_rates(args: argparse.Namespace) -> List[float]:
+    """The keep-rates (patch, head, block) that ``--policy`` and ``--keep`` ask for."""
+    return [1.0, 1.0, 1.0] if args.policy == 'keep-all' else list(args.keep)
+
+
 def build_model(args: argparse.Namespace) -> AdaViT:
     if args.checkpoint:
         from ..training.checkpoint import load_model
@@ -56,7 +61,7 @@ def build_model(args: argparse.Namespace) -> AdaViT:
         return model
     if args.model not in timm.list_models('ada*'):
         raise ConfigError(f'unknown model {args.model!r}: choose from {timm.list_models("ada*")}')
-    keep = [1.0, 1.0, 1.0] if args.policy == 'keep-all' else args.keep
+    keep = _keep_rates(args)
     if len(keep) != 3 or not all(0.0 <= k <= 1.0 for k in keep):
         raise ConfigError(f'--keep takes three keep-rates patch,head,block in [0, 1], got {args.keep}')
     if args.policy != 'gates':
@@ -104,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise ConfigError('--device cuda asked for, but torch sees no CUDA device')
     model = build_model(args)
-    keep = None if args.checkpoint else [1.0] * 3 if args.policy == 'keep-all' else list(args.keep)
+    keep = None if args.checkpoint else _keep_rates(args)
     decisions = 'learned' if args.checkpoint else args.policy
     print(f'# {args.checkpoint or args.model}, decisions: {decisions}{"" if keep is None else f" keep={tuple(keep)}"}',
           flush=True)
