@@ -13,8 +13,9 @@ from adavit import AdaViT
 from adavit.cli import benchmark as benchmark_cli
 from adavit.cli.benchmark import build_model, validation_images
 from adavit.cli.main import main
+from adavit.cost import benchmark as speed
 from adavit.cost.benchmark import (ACCELERATOR_WARMUP_CALLS, balanced_orders, cpu_name, format_rows,
-                                   interleaved_medians, measure_speed, pin_allocator, warmup_rounds)
+                                   interleaved_medians, interleaved_times, measure_speed, pin_allocator, warmup_rounds)
 from adavit.cost.macs import decision_macs, dense_macs
 from adavit.gates.budget import eval_keep_rates
 from adavit.training.checkpoint import load_model
@@ -36,8 +37,28 @@ def test_measure_speed_reports_consistent_ratios():
         assert r.efficiency == pytest.approx(r.speedup / r.mac_ratio)
         assert r.sparse_images_per_s == pytest.approx(1e3 * r.batch_size / r.sparse_ms)
         assert r.allocator == 'glibc pinned'  # this machine's C library is glibc
+        # the median's efficiency lies between those of the best and the worst round
+        assert r.rounds == 2 and r.efficiency_low <= r.efficiency * (1 + 1e-9)
+        assert r.efficiency <= r.efficiency_high * (1 + 1e-9)
     table = format_rows(rows).splitlines()
-    assert len(table) == 3 and 'efficiency' in table[0]
+    assert len(table) == 3 and 'efficiency' in table[0] and 'by round' in table[0]
+    assert table[1].endswith(f'{rows[0].efficiency_low:.2f}-{rows[0].efficiency_high:.2f}')
+
+
+def test_measure_speed_pairs_dense_and_sparse_round_by_round(monkeypatch):
+    """The per-round efficiency divides each round's dense time by the same round's sparse time: a slow spell that
+    slows both in one round leaves that round's ratio alone."""
+    rounds = {'fused': [2.0, 4.0, 3.0], 'matmul': [5.0, 5.0, 5.0], 'sparse': [1.0, 1.0, 2.0], 'masked': [6.0] * 3}
+    monkeypatch.setattr(speed, 'interleaved_times', lambda runs, count, warmup, repeats: rounds)
+    model = AdaViT(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=4, num_classes=5,
+                   policy='random', random_keep=(0.5, 0.5, 0.8))
+    row, = measure_speed(model, batch_sizes=(2,), threads=1, warmup=0, repeats=3, images_per_round=2)
+    assert row.dense_attention == 'fused' and row.dense_ms == pytest.approx(3e3) and row.sparse_ms == pytest.approx(1e3)
+    assert row.efficiency == pytest.approx(3.0 / row.mac_ratio)
+    # rounds: 2/1, 4/1, 3/2
+    assert row.efficiency_low == pytest.approx(1.5 / row.mac_ratio)
+    assert row.efficiency_high == pytest.approx(4.0 / row.mac_ratio)
+    assert row.rounds == 3
 
 
 def test_interleaved_medians_take_turns_on_every_input_and_rotate_who_goes_first():
@@ -57,6 +78,9 @@ def test_interleaved_medians_take_turns_on_every_input_and_rotate_who_goes_first
                      ('a', 0), ('b', 0), ('b', 1), ('a', 1)]
     # per-input means of the timed rounds: a (2+2)/2 and (3+3)/2, median 2.5; b always 4
     assert med == {'a': pytest.approx(2.5), 'b': pytest.approx(4.0)}
+    calls.clear()
+    assert interleaved_times({'a': run('a'), 'b': run('b')}, count=2, warmup=1, repeats=2) == {
+        'a': [2.0, 3.0], 'b': [4.0, 4.0]}
 
 
 @pytest.mark.parametrize('n', [2, 3, 4, 5])

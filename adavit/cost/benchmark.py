@@ -59,7 +59,17 @@ class SpeedRow:
     speedup: float  # dense time / sparse time
     masked_speedup: float  # dense time / masked time
     efficiency: float  # speedup / mac_ratio: the share of the promised speedup delivered
+    # The efficiency of each timed round alone (dense and sparse of the same round, paired), lowest and highest: how
+    # far the median of this run could move on this machine's noise.
+    efficiency_low: float
+    efficiency_high: float
+    rounds: int  # timed rounds
     allocator: str = 'default'  # 'glibc pinned' when ``pin_allocator`` took effect
+
+    @property
+    def efficiency_range(self) -> str:
+        """``"0.78-0.83"``: the lowest and highest efficiency of a single round."""
+        return f'{self.efficiency_low:.2f}-{self.efficiency_high:.2f}'
 
 
 # glibc's mallopt parameters, and the largest mmap threshold it accepts on 64-bit Linux (HEAP_MAX_SIZE / 2).
@@ -151,23 +161,27 @@ def balanced_orders(n: int) -> List[List[int]]:
     return orders + [order[::-1] for order in orders] if n % 2 else orders
 
 
-def interleaved_medians(
+def interleaved_times(
         runs: Dict[str, Callable[[int], float]],
         count: int,
         warmup: int,
         repeats: int,
-) -> Dict[str, float]:
-    """Median seconds per input of each run, over ``repeats`` rounds after ``warmup`` untimed ones.
+) -> Dict[str, List[float]]:
+    """Seconds per input of each run in each of ``repeats`` rounds, after ``warmup`` untimed ones.
 
     A round covers inputs ``0 .. count - 1``, and the runs take turns on every input, not every round: a slow spell of
-    a shared machine then slows all of them alike, and their ratios stay put. The order changes from input to input
-    and from round to round (``balanced_orders``), so that no run always goes first or always follows the same run.
+    a shared machine then slows all of them alike, and their ratios stay put, round by round. The order changes from
+    input to input and from round to round (``balanced_orders``), so that no run always goes first or always follows
+    the same run.
 
     Args:
         runs: Name -> a closure that runs on input ``i`` and returns the seconds it took.
         count: Inputs per round.
         warmup: Untimed rounds.
         repeats: Timed rounds.
+
+    Returns:
+        Name -> ``repeats`` mean seconds per input, one per timed round, in round order.
     """
     names = list(runs)
     orders = balanced_orders(len(names))
@@ -180,7 +194,17 @@ def interleaved_medians(
         if round_index >= warmup:
             for name in names:
                 times[name].append(seconds[name] / count)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def interleaved_medians(
+        runs: Dict[str, Callable[[int], float]],
+        count: int,
+        warmup: int,
+        repeats: int,
+) -> Dict[str, float]:
+    """Median seconds per input of each run over the rounds of ``interleaved_times`` (same arguments)."""
+    return {name: statistics.median(values) for name, values in interleaved_times(runs, count, warmup, repeats).items()}
 
 
 # On an accelerator each contender gets at least this many untimed calls, whatever ``warmup`` says: its first calls pay
@@ -271,11 +295,13 @@ def measure_speed(
             twin = ExecutorView(model, executor)
             runs[executor] = timer(twin, inputs, reseed, dev)
         with torch.inference_mode():  # as a deployment runs: no autograd bookkeeping on any op, for either model
-            med = interleaved_medians(runs, count, warmup_rounds(warmup, count, dev), repeats)
+            times = interleaved_times(runs, count, warmup_rounds(warmup, count, dev), repeats)
+        med = {name: statistics.median(values) for name, values in times.items()}
         dense_attention = min(('fused', 'matmul'), key=med.__getitem__)
         med['dense'] = med[dense_attention]
         dense_g = dense_macs(dense) / 1e9
         mac_ratio = dense_g * 1e9 / adaptive_macs
+        round_efficiency = [d / s / mac_ratio for d, s in zip(times[dense_attention], times['sparse'])]
         row = SpeedRow(
             batch_size=batch_size, threads=torch.get_num_threads(), device=str(dev), dtype=dtype,
             dense_ms=med['dense'] * 1e3, dense_fused_ms=med['fused'] * 1e3, dense_matmul_ms=med['matmul'] * 1e3,
@@ -284,7 +310,8 @@ def measure_speed(
             masked_images_per_s=batch_size / med['masked'],
             dense_gmacs=dense_g, adaptive_gmacs=adaptive_macs / 1e9, mac_ratio=mac_ratio,
             speedup=med['dense'] / med['sparse'], masked_speedup=med['dense'] / med['masked'],
-            efficiency=med['dense'] / med['sparse'] / mac_ratio, allocator=allocator,
+            efficiency=med['dense'] / med['sparse'] / mac_ratio, efficiency_low=min(round_efficiency),
+            efficiency_high=max(round_efficiency), rounds=repeats, allocator=allocator,
         )
         rows.append(row)
         if log is not None:
@@ -336,7 +363,7 @@ _COLUMNS = (
     ('dense ms', 'dense_ms', '{:.1f}'), ('sparse ms', 'sparse_ms', '{:.1f}'), ('GMACs', 'adaptive_gmacs', '{:.3f}'),
     ('dense GMACs', 'dense_gmacs', '{:.3f}'),
     ('MAC ratio', 'mac_ratio', '{:.2f}'), ('speedup', 'speedup', '{:.2f}'), ('masked', 'masked_speedup', '{:.2f}'),
-    ('efficiency', 'efficiency', '{:.2f}'),
+    ('efficiency', 'efficiency', '{:.2f}'), ('by round', 'efficiency_range', '{}'),
 )
 
 
