@@ -277,3 +277,29 @@ def test_op_host_cost_benchmark_times_each_op_at_seen_new_and_rounded_row_counts
     assert ('torch.addmm', 'new') in pairs and pairs[-3:] == [('index_select', 'new'), ('index_copy_', 'new'),
                                                              ('add_', 'new')]
     assert len(pairs) == 5 * 3 + 3 and all(r['host_us'] > 0 for r in result['results'])
+
+
+def test_gemm_rows_benchmark_times_each_layer_at_each_row_count(tmp_path):
+    """benchmarks/gemm_rows.py: a block's linears restricted to the kept heads, GMAC/s per row count, consistent with
+    the times it reports."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'gemm_rows', os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'gemm_rows.py'))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # DeiT-S with 4 of 6 heads kept: qkv's outputs, proj's and fc1's inputs shrink, fc2 does not
+    assert script.layer_shapes(384, 6, 4.0, 4) == {'qkv': (384, 768), 'proj': (256, 384), 'fc1': (256, 1536),
+                                                   'fc2': (1536, 384)}
+    out = tmp_path / 'gemm_rows.json'
+    result = script.main(['--rows', '4,16', '--heads', '2', '--embed-dim', '24', '--num-heads', '6', '--threads', '1',
+                          '--warmup', '0', '--repeats', '1', '--macs-per-call', '1e4', '--json', str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert [(r['layer'], r['in_features'], r['out_features']) for r in result['layers']] == [
+        ('qkv', 24, 24), ('proj', 8, 24), ('fc1', 8, 96), ('fc2', 96, 24)]
+    for r in result['layers']:
+        for m in (4, 16):
+            macs = m * r['in_features'] * r['out_features']
+            assert r['gmacs_per_s'][str(m)] == pytest.approx(macs / (r['ms'][str(m)] / 1e3) / 1e9)
+        assert r['vs_most_rows']['16'] == 1.0
+    with pytest.raises(SystemExit, match='--heads must lie in 1..6'):
+        script.main(['--heads', '7', '--json', str(out)])
