@@ -781,12 +781,13 @@ def _plan_batch(
     tokens, heads, run_msa, run_ffn = batch_masks(patch_keep, head_keep, block_keep)  # then NumPy (``pack_tokens``)
     # Partial deactivation leaves the FFN whole, so its tokens need no head grouping.
     ffn_heads = heads if head_mode == 'full' else None
-    if ffn_heads is heads and (run_msa is not None or run_ffn is not None):
-        return pack_sub_blocks(run_msa, run_ffn, tokens, heads, num_tokens, batch_size, device)
-    msa = pack_tokens(run_msa, tokens, heads, num_tokens, batch_size, device)
-    if run_ffn is None and run_msa is None and ffn_heads is heads:
+    if ffn_heads is not heads:  # partial: the FFN runs every head, so the two plans differ in their groups
+        return (pack_tokens(run_msa, tokens, heads, num_tokens, batch_size, device),
+                pack_tokens(run_ffn, tokens, ffn_heads, num_tokens, batch_size, device))
+    if run_msa is None and run_ffn is None:
+        msa = pack_tokens(None, tokens, heads, num_tokens, batch_size, device)
         return msa, msa  # the same images, tokens and head groups: plan once
-    return msa, pack_tokens(run_ffn, tokens, ffn_heads, num_tokens, batch_size, device)
+    return pack_sub_blocks(run_msa, run_ffn, tokens, heads, num_tokens, batch_size, device)
 
 
 class _SingleImageWeights(NamedTuple):
