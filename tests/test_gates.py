@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adavit.gates.networks import DecisionGate, PatchGate
-from adavit.gates.sampling import bernoulli_decisions, gumbel_sigmoid_hard, threshold_decisions
+from adavit.gates.sampling import bernoulli_decisions, gumbel_sigmoid_hard, threshold_decisions, threshold_mask
 
 
 def test_gumbel_sigmoid_hard_is_binary_with_the_soft_gradient() -> None:
@@ -33,6 +33,15 @@ def test_threshold_decisions_match_sigmoid_rule() -> None:
     assert threshold_decisions(logits, 0.5).tolist() == [0.0, 0.0, 1.0, 1.0, 1.0]  # sigmoid(0) = 0.5 is not > 0.5
     assert threshold_decisions(logits, 0.0).tolist() == [1.0] * 5
     assert threshold_decisions(logits, 1.0).tolist() == [0.0] * 5
+
+
+def test_threshold_mask_is_threshold_decisions_as_bool() -> None:
+    logits = torch.tensor([-2.0, -0.1, 0.0, 0.3, 5.0])
+    for threshold in (0.0, 0.3, 0.5, 0.6, 1.0):
+        mask = threshold_mask(logits, threshold)
+        assert mask.dtype == torch.bool
+        assert mask.tolist() == [v == 1.0 for v in threshold_decisions(logits, threshold).tolist()]
+    assert threshold_mask(logits, 0.6).tolist() == [False, False, False, False, True]
 
 
 def test_bernoulli_decisions_are_seeded() -> None:
@@ -74,3 +83,35 @@ def test_consistent_eval_rule_matches_majority_of_training_decisions():
     assert released._decide(logits, 0.6, 0.5).tolist() == [0, 1, 1, 1, 1]  # logit > ln 1.5 ~ 0.405
     with pytest.raises(adavit.ConfigError):
         adavit.AdaViT(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, eval_rule='median')
+
+
+@pytest.mark.parametrize('patch_policy', ['token', 'cls'])
+@pytest.mark.parametrize('eval_rule', ['released', 'consistent'])
+@pytest.mark.parametrize('batch', [1, 5])
+def test_gate_masks_are_the_eval_decisions_as_bool(patch_policy, eval_rule, batch):
+    """The sparse executor's decisions (``_gate_masks``) are ``block_decisions``' (the masked executor's), as masks,
+    at any threshold, the prefix token kept."""
+    import adavit
+    torch.manual_seed(0)
+    model = adavit.AdaViT(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=4,
+                          keep_layers=1, patch_policy=patch_policy, eval_rule=eval_rule).eval()
+    with torch.no_grad():
+        for blk in model.blocks:
+            for gate in (blk.patch_gate, blk.head_gate, blk.block_gate):
+                if gate is not None:
+                    gate.weight.normal_(0, 0.3)
+        x = torch.randn(batch, 17, 48)
+        kept = set()
+        for thresholds in ((0.6, 0.5, 0.5), (0.4, 0.7, 0.3), (0.0, 1.0, 0.0), (1.0, 0.0, 1.0)):
+            model.set_thresholds(*thresholds)
+            for i, blk in enumerate(model.blocks):
+                x_normed = blk.norm1(x)
+                want, got = model.block_decisions(i, x, x_normed), model._gate_masks(blk, x, x_normed)
+                for kind in ('patch', 'head', 'block'):
+                    w, g = getattr(want, kind), getattr(got, kind)
+                    assert (w is None) == (g is None) == (kind != 'patch' and i == 0), (kind, i)
+                    if g is not None:
+                        assert g.dtype == torch.bool and torch.equal(g, w == 1.0), (kind, i, thresholds)
+                        kept.add(g.float().mean().item())
+                assert got.patch[:, 0].all()  # the class token
+    assert len(kept) > 4  # thresholds that keep all, none and some

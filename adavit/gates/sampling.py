@@ -32,14 +32,19 @@ def gumbel_sigmoid_hard(logits: torch.Tensor, tau: float, threshold: float) -> t
     return hard + (soft - soft.detach())
 
 
-def threshold_decisions(logits: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Deterministic eval decisions ``1[sigmoid(logits) > threshold]``, as floats."""
+def threshold_mask(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Deterministic eval decisions ``sigmoid(logits) > threshold``, as a bool tensor."""
     # sigmoid(z) > p  <=>  z > logit(p): comparing logits avoids the sigmoid and its rounding near 0 and 1.
     if threshold <= 0.0:
-        return torch.ones_like(logits)
+        return torch.ones_like(logits, dtype=torch.bool)
     if threshold >= 1.0:
-        return torch.zeros_like(logits)
-    return (logits > math.log(threshold / (1.0 - threshold))).to(logits.dtype)
+        return torch.zeros_like(logits, dtype=torch.bool)
+    return logits > math.log(threshold / (1.0 - threshold))
+
+
+def threshold_decisions(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``threshold_mask`` as floats in the logits' dtype, the form the masked executor multiplies by."""
+    return threshold_mask(logits, threshold).to(logits.dtype)
 
 
 def bernoulli_decisions(
