@@ -235,8 +235,8 @@ class AdaViT(VisionTransformer):
         return BlockDecisions(patch, head, block)
 
     def _gate_masks(self, blk: nn.Module, x: torch.Tensor, x_normed: torch.Tensor) -> BlockDecisions:
-        """The decision networks' eval decisions (``block_decisions``, policy ``"learned"``) as bool masks, which is what
-        the sparse executor reads.
+        """The decision networks' eval decisions (``block_decisions``, policy ``"learned"``) as bool masks, which the
+        sparse executor reads.
 
         The same logits and the same comparisons, hence the same decisions as the masked executor gets, without the
         float casts, the module calls and the concatenation of the prefix tokens. At batch 1 those cost a DeiT-S block
