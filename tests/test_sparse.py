@@ -161,7 +161,7 @@ def test_sparse_runs_timms_mlp_where_one_chunk_holds_rows_of_every_head(init_val
     assert len(calls) == 1  # the masked pass only
 
 
-@pytest.mark.parametrize('math_up_to,chunk', [(0, 1 << 24), (64, 1 << 24), (64, 1 << 13)])
+@pytest.mark.parametrize('math_up_to,chunk', [(0, 1 << 19), (64, 1 << 24), (256, 1 << 13)])
 @pytest.mark.parametrize('split_macs', [0.0, 1.5e6, float('inf')])
 def test_sparse_matches_masked_for_any_attention_bucketing(monkeypatch, split_macs, math_up_to, chunk):
     """One bucket per token count, the CPU default, and one padded bucket give the masked reference's logits, with
@@ -173,6 +173,29 @@ def test_sparse_matches_masked_for_any_attention_bucketing(monkeypatch, split_ma
     decisions = _random_decisions(32, seed=5, edge='mixed')
     (masked, _), (out, _) = _both(model, torch.randn(32, 3, 32, 32), decisions)
     assert torch.allclose(masked, out, atol=1e-4, rtol=0)
+
+
+def test_attention_algorithm_by_sequence_length_and_path(monkeypatch):
+    """Defaults: the batch path attends by matmuls up to MATH_ATTENTION_UP_TO keys, a single image by the flash kernel
+    above SINGLE_IMAGE_MATH_ATTENTION_UP_TO; the outputs agree either way."""
+    assert sparse.SINGLE_IMAGE_MATH_ATTENTION_UP_TO < NUM_TOKENS <= sparse.MATH_ATTENTION_UP_TO
+    flash_calls = []
+    flash = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(sparse.F, 'scaled_dot_product_attention', lambda *a, **k: flash_calls.append(1) or flash(*a, **k))
+    model = AdaViT(**TINY).eval()
+    decisions = _random_decisions(2, seed=3)
+    decisions.patch.fill_(1.0)  # every token: 65 keys in each image's attention
+    decisions.block.fill_(1.0)
+    decisions.head[:, :, 0] = 0.0  # a dropped head, so that the executor's own attention runs, not timm's module
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        batch = model(x, decisions=decisions)
+        assert flash_calls == []
+        single = torch.cat([model(x[i:i + 1], decisions=decisions[i:i + 1]) for i in range(2)])
+        assert len(flash_calls) == 2 * TINY['depth']
+        model.executor = 'masked'
+        masked = model(x, decisions=decisions)
+    assert torch.allclose(batch, single, atol=1e-5, rtol=0) and torch.allclose(batch, masked, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize('length', [1, 5, 15, 16, 23])
@@ -508,8 +531,9 @@ def test_single_image_path_serves_plain_blocks_at_batch_one(monkeypatch):
 @pytest.mark.parametrize('edge', ['', 'mixed', 'no_patch', 'no_head', 'all_skipped', 'all_tokens'])
 def test_single_image_path_equals_the_batch_path(monkeypatch, edge, math_up_to):
     """The latency path computes what the batch path computes for one image, op for op: the same outputs, bit for bit,
-    with attention by matmuls (short sequences) or by the flash kernel."""
+    with attention by matmuls (short sequences) or by the flash kernel, where both paths switch at the same length."""
     monkeypatch.setattr(sparse, 'MATH_ATTENTION_UP_TO', math_up_to)
+    monkeypatch.setattr(sparse, 'SINGLE_IMAGE_MATH_ATTENTION_UP_TO', math_up_to)
     model = AdaViT(**TINY).eval()
     x = torch.randn(1, 3, 32, 32)
     decisions = _random_decisions(1, seed=5, edge='' if edge == 'all_tokens' else edge)

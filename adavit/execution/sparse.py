@@ -320,12 +320,16 @@ def _run_channels(runs: List[Tuple[int, int]], head_dim: int, device: torch.devi
 SPLIT_COST_MACS = {'cpu': 1.5e6}
 
 # On CPU, attention over at most this many keys runs as matmul + softmax + matmul, which beats the flash kernel on the
-# short sequences dropped tokens leave (2 threads, 3 heads of 32 channels: 1.3-1.6x at 20-45 keys). Longer sequences,
-# and GPUs, use scaled_dot_product_attention: in a DeiT-S at batch 1 the two tie, and on batches flash wins (64 images
-# of 137-197 keys: 5-10%). Scores are made for at most MATH_ATTENTION_CHUNK (image, head, query, key) entries at a
-# time, to bound memory at large batches.
-MATH_ATTENTION_UP_TO = 64
-MATH_ATTENTION_CHUNK = 1 << 24
+# sequences dropped tokens leave: 1.3-1.6x at 20-45 keys (2 threads, 3 heads of 32 channels), and in a DeiT-S batch
+# of 64 at keep 0.7/0.7/0.9 (buckets of 12-66 problems of 126-150 keys) the whole forward runs 1.023-1.030x as fast
+# (paired, 2 threads, Intel Xeon; 1.012x at batch 8), a tie with all 197 tokens kept. Scores are made for at most
+# MATH_ATTENTION_CHUNK (problem, query, key) entries at a time (2 MB of fp32, an L2 cache): with 16 MB chunks the gain
+# was 1.005x. A single image (``_single_image_block_forward``) goes over to the flash kernel above
+# SINGLE_IMAGE_MATH_ATTENTION_UP_TO keys: on its few heads the matmul path measured 0.971-0.988x there. GPUs always use
+# scaled_dot_product_attention.
+MATH_ATTENTION_UP_TO = 256
+SINGLE_IMAGE_MATH_ATTENTION_UP_TO = 64
+MATH_ATTENTION_CHUNK = 1 << 19
 
 # PyTorch's CPU softmax is about 15x slower per element over rows shorter than 16 (2 threads: 6 ns against 0.4 ns),
 # and the few tokens deep blocks keep make such rows: the matmul path softmaxes them padded to this width with -inf.
@@ -921,7 +925,7 @@ def _single_image_block_forward(
                         torch.addmm(b_qkv, normed, w_qkv, out=qkv[:, column:column + width])
                     column += width
                 q, k, v = qkv.view(1, T, h, 3, dh).permute(3, 0, 2, 1, 4).unbind(0)  # (1, h, T, dh) each
-                if T > MATH_ATTENTION_UP_TO:  # flash attention, called straight: (1, h, T, dh) -> (T, h * dh)
+                if T > SINGLE_IMAGE_MATH_ATTENTION_UP_TO:  # flash, called straight: (1, h, T, dh) -> (T, h * dh)
                     o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(T, h * dh)
                 else:
                     o = _attention(q, k, v, None, dh ** -0.5).reshape(h, T, dh).transpose(0, 1).reshape(T, h * dh)
