@@ -181,7 +181,12 @@ def test_attention_algorithm_by_sequence_length_and_path(monkeypatch):
     assert sparse.SINGLE_IMAGE_MATH_ATTENTION_UP_TO < NUM_TOKENS <= sparse.MATH_ATTENTION_UP_TO
     flash_calls = []
     flash = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(sparse.F, 'scaled_dot_product_attention', lambda *a, **k: flash_calls.append(1) or flash(*a, **k))
+
+    def counted(*args, **kwargs):
+        flash_calls.append(1)
+        return flash(*args, **kwargs)
+
+    monkeypatch.setattr(sparse.F, 'scaled_dot_product_attention', counted)
     model = AdaViT(**TINY).eval()
     decisions = _random_decisions(2, seed=3)
     decisions.patch.fill_(1.0)  # every token: 65 keys in each image's attention
