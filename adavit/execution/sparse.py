@@ -320,13 +320,13 @@ def _run_channels(runs: List[Tuple[int, int]], head_dim: int, device: torch.devi
 SPLIT_COST_MACS = {'cpu': 1.5e6}
 
 # On CPU, attention over at most this many keys runs as matmul + softmax + matmul, which beats the flash kernel on the
-# sequences dropped tokens leave: 1.3-1.6x at 20-45 keys (2 threads, 3 heads of 32 channels), and in a DeiT-S batch
-# of 64 at keep 0.7/0.7/0.9 (buckets of 12-66 problems of 126-150 keys) the whole forward runs 1.023-1.030x as fast
+# sequences dropped tokens leave: 1.3-1.6x at 20-45 keys (2 threads, 3 heads of 32 channels), and in a DeiT-S batch of
+# 64 at keep 0.7/0.7/0.9 (buckets of 12-66 problems of 126-150 keys) the whole forward runs 1.023-1.030x as fast
 # (paired, 2 threads, Intel Xeon; 1.012x at batch 8), a tie with all 197 tokens kept. Scores are made for at most
-# MATH_ATTENTION_CHUNK (problem, query, key) entries at a time (2 MB of fp32, an L2 cache): with 16 MB chunks the gain
-# was 1.005x. A single image (``_single_image_block_forward``) goes over to the flash kernel above
-# SINGLE_IMAGE_MATH_ATTENTION_UP_TO keys: on its few heads the matmul path measured 0.971-0.988x there. GPUs always use
-# scaled_dot_product_attention.
+# MATH_ATTENTION_CHUNK (problem, query, key) entries at a time (2 MB of fp32, an L2 cache): with 64 MB chunks the gain
+# was 1.005x, and on an AMD EPYC host flash was 5-10% faster with them (2 MB chunks not timed there). A single image
+# (``_single_image_block_forward``) goes over to the flash kernel above SINGLE_IMAGE_MATH_ATTENTION_UP_TO keys: on its
+# few heads the matmul path measured 0.971-0.988x there. GPUs always use scaled_dot_product_attention.
 MATH_ATTENTION_UP_TO = 256
 SINGLE_IMAGE_MATH_ATTENTION_UP_TO = 64
 MATH_ATTENTION_CHUNK = 1 << 19
