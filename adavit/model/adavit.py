@@ -203,11 +203,15 @@ class AdaViT(VisionTransformer):
             return draw + 0.0 * logits if self.training else draw
         if self.training and self.train_decisions == 'gumbel':
             return gumbel_sigmoid_hard(logits, self.tau, threshold)
+        return threshold_decisions(self._eval_logits(logits), threshold)
+
+    def _eval_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the eval rule compares with the threshold's logit."""
         if self.eval_rule == 'consistent':
             # Keep a unit iff training keeps it more often than not: sigmoid((z + noise) / tau) > thr holds with
             # probability > 1/2 exactly when z > tau * logit(thr), i.e. sigmoid(z / tau) > thr.
-            return threshold_decisions(logits / self.tau, threshold)
-        return threshold_decisions(logits, threshold)
+            return logits / self.tau
+        return logits
 
     def block_decisions(self, index: int, x: torch.Tensor, x_normed: torch.Tensor) -> BlockDecisions:
         """The decisions of block ``index`` for its input ``x`` (B, N, D) and ``x_normed = norm1(x)``.
@@ -245,11 +249,9 @@ class AdaViT(VisionTransformer):
         """
         gates = blk._modules  # dictionary lookups instead of ``__getattr__``: this runs once per block
         patch_gate, head_gate, block_gate = (gates.get(f'{kind}_gate') for kind in GATES)  # None: not gated
-        tau = self.tau if self.eval_rule == 'consistent' else None
 
         def mask(gate: nn.Linear, inputs: torch.Tensor, threshold: float) -> torch.Tensor:
-            logits = F.linear(inputs, gate.weight, gate.bias)
-            return threshold_mask(logits if tau is None else logits / tau, threshold)
+            return threshold_mask(self._eval_logits(F.linear(inputs, gate.weight, gate.bias)), threshold)
 
         cls_token = x[:, 0]  # (B, D), raw
         patch = head = block = None
