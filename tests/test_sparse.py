@@ -297,10 +297,10 @@ def test_pack_tokens_groups_by_head_pattern():
     # images 0 and 3 share pattern 0b101 (code 5), image 2 keeps every head (code 7): sorted by code
     assert packing.rows.tolist() == [0, 1, 9, 10, 11, 6]
     assert [(g.start, g.end, g.counts, g.head_runs) for g in packing.groups] == \
-        [(0, 5, [2, 3], [(0, 1), (2, 3)]), (5, 6, [1], None)]
+        [(0, 5, [2, 3], ((0, 1), (2, 3))), (5, 6, [1], None)]
     assert pack_tokens(np.zeros(4, dtype=bool), tokens, heads, 3, 4) is None
     assert pack_tokens(None, None, np.ones((4, 3), dtype=bool), 3, 4).rows is None
-    assert head_runs(0b1101, 4) == [(0, 1), (2, 4)] and head_runs(0, 4) == [] and head_runs(0b1111, 4) == [(0, 4)]
+    assert head_runs(0b1101, 4) == ((0, 1), (2, 4)) and head_runs(0, 4) == () and head_runs(0b1111, 4) == ((0, 4),)
 
 
 @pytest.mark.parametrize('seed', range(4))
@@ -328,8 +328,8 @@ def test_pack_sub_blocks_shares_rows_and_leaves_each_sub_block_its_own_images():
     assert msa.rows.tolist() == [9, 11, 3, 0, 1, 6, 7, 8]
     def groups(packing):
         return [(g.start, g.end, g.counts, g.head_runs) for g in packing.groups]
-    assert groups(msa) == [(0, 2, [2], [(0, 1)]), (2, 5, [1, 2], None)]
-    assert groups(ffn) == [(0, 2, [2], [(0, 1)]), (3, 8, [2, 3], None)]
+    assert groups(msa) == [(0, 2, [2], ((0, 1),)), (2, 5, [1, 2], None)]
+    assert groups(ffn) == [(0, 2, [2], ((0, 1),)), (3, 8, [2, 3], None)]
     assert sparse._row_spans(ffn.groups) == [(0, 2), (3, 8)]
     assert pack_sub_blocks(np.zeros(5, dtype=bool), np.zeros(5, dtype=bool), tokens, heads, 3, 5) == (None, None)
     msa, ffn = pack_sub_blocks(None, np.zeros(5, dtype=bool), tokens, None, 3, 5)
@@ -516,13 +516,13 @@ def test_single_image_path_serves_plain_blocks_at_batch_one(monkeypatch):
     autocast run the batch path."""
     block = AdaViT(**TINY).eval().blocks[0]
     one, two = torch.randn(1, NUM_TOKENS, 48), torch.randn(2, NUM_TOKENS, 48)
-    assert sparse._runs_single_image_path(block, one, 'full')
-    assert not sparse._runs_single_image_path(block, two, 'full')
-    assert not sparse._runs_single_image_path(block, one, 'partial')
-    assert not sparse._runs_single_image_path(AdaViT(init_values=0.5, **TINY).blocks[0], one, 'full')
-    assert not sparse._runs_single_image_path(AdaViT(qk_norm=True, **TINY).blocks[0], one, 'full')
+    assert sparse._latency_plan(block, one, 'full')
+    assert not sparse._latency_plan(block, two, 'full')
+    assert not sparse._latency_plan(block, one, 'partial')
+    assert not sparse._latency_plan(AdaViT(init_values=0.5, **TINY).blocks[0], one, 'full')
+    assert not sparse._latency_plan(AdaViT(qk_norm=True, **TINY).blocks[0], one, 'full')
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert not sparse._runs_single_image_path(block, one, 'full')
+        assert not sparse._latency_plan(block, one, 'full')
 
     model = AdaViT(**TINY).eval()
     calls = []
@@ -547,7 +547,7 @@ def test_single_image_path_equals_the_batch_path(monkeypatch, edge, math_up_to):
         decisions.head[0, :, 0] = 0.0
     with torch.no_grad():
         latency = model(x, decisions=decisions)
-        monkeypatch.setattr(sparse, '_runs_single_image_path', lambda *args: False)
+        monkeypatch.setattr(sparse, '_latency_plan', lambda *args: None)
         batch = model(x, decisions=decisions)
     assert torch.equal(latency, batch)
 
@@ -568,19 +568,50 @@ def test_single_image_path_follows_new_weights():
     assert sparse_out.dtype == torch.float64 and torch.allclose(masked, sparse_out, atol=1e-10, rtol=0)
 
 
+def test_single_image_path_follows_replaced_modules_and_norm_attributes():
+    """The latency plan calls the norms and the activation as kernels: it follows a norm's eps changed in place, a new
+    activation, and a block given layer scale (which the batch path then serves), as the masked executor does."""
+    from timm.layers import LayerScale
+    model = AdaViT(**TINY).eval()
+    x, decisions = torch.randn(1, 3, 32, 32), _random_decisions(1, seed=6)
+    decisions.block.fill_(1.0)  # every sub-block runs, so that each change shows
+    probe = torch.randn(1, NUM_TOKENS, 48)
+
+    def features():
+        with torch.no_grad():
+            model.executor = 'masked'
+            masked = model.forward_features(x, decisions=decisions)
+            model.executor = 'sparse'
+            return masked, model.forward_features(x, decisions=decisions)
+
+    changes = [lambda: setattr(model.blocks[0].norm2, 'eps', 10.0),
+               lambda: setattr(model.blocks[1].mlp, 'act', torch.nn.ReLU()),
+               lambda: setattr(model.blocks[3], 'ls1', LayerScale(48, init_values=0.5))]
+    _, before = features()  # makes the plans
+    assert isinstance(sparse._latency_plan(model.blocks[3], probe, 'full'), tuple)
+    for change in changes:
+        change()
+        masked, after = features()
+        assert torch.allclose(masked, after, atol=1e-4, rtol=0) and not torch.equal(before, after)
+        before = after
+    assert sparse._latency_plan(model.blocks[3], probe, 'full') is None
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16, torch.bool])
-def test_single_image_masks_read_in_place_as_through_one_copy(dtype):
+def test_single_image_decisions_read_in_place_as_through_one_copy(dtype):
     """CPU decisions are read in place; on other devices one copy brings a block's decisions to the host
     (``batch_masks``). Both readings agree, for every dtype, and say None where everything is kept."""
     patch = torch.tensor([[1.0, 0.0, 1.0, 1.0]]).to(dtype)
     heads = torch.tensor([[1.0, 0.0, 1.0]]).to(dtype)
     block = torch.tensor([[0.0, 1.0]]).to(dtype)
     for on_host in (True, False):
-        run_msa, run_ffn, kept_heads, tokens = sparse._single_image_masks(patch, heads, block, on_host=on_host)
-        assert (run_msa, run_ffn, kept_heads, tokens.tolist()) == (False, True, [True, False, True],
-                                                                   [True, False, True, True])
-        everything = sparse._single_image_masks(torch.ones(1, 4).to(dtype), torch.ones(1, 3).to(dtype), None,
-                                                on_host=on_host)
+        run_msa, run_ffn, runs, rows = sparse._single_image_decisions(patch, heads, block, on_host=on_host)
+        assert (run_msa, run_ffn, runs, rows.tolist()) == (False, True, ((0, 1), (2, 3)), [0, 2, 3])
+        assert type(run_msa) is bool and type(run_ffn) is bool
+        no_head = sparse._single_image_decisions(patch, torch.zeros(1, 3).to(dtype), None, on_host=on_host)
+        assert no_head[:3] == (True, True, ())
+        everything = sparse._single_image_decisions(torch.ones(1, 4).to(dtype), torch.ones(1, 3).to(dtype), None,
+                                                    on_host=on_host)
         assert everything == (True, True, None, None)
 
 

@@ -19,7 +19,7 @@ from test_sparse import NUM_TOKENS, TINY, _both, _random_decisions
 def accelerator_plan(monkeypatch):
     """Every device runs the accelerator plan, the CPU too, and at batch 1 too (not the latency path)."""
     monkeypatch.setattr(sparse, 'HEAD_GROUPED_DEVICES', set())
-    monkeypatch.setattr(sparse, '_runs_single_image_path', lambda *args: False)
+    monkeypatch.setattr(sparse, '_latency_plan', lambda *args: None)
 
 
 @pytest.mark.parametrize('head_mode,patch_policy', list(itertools.product(['full', 'partial'], ['token', 'cls'])))

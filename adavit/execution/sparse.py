@@ -23,12 +23,14 @@ This is the plan for CPUs. On other devices (GPUs), where a kernel launch costs 
 work, batches run ``sparse_accelerator.py``'s plan of a few launches per block instead (``HEAD_GROUPED_DEVICES``); a
 single image takes the latency path there too.
 """
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerNorm
 from timm.models.vision_transformer import Block
 
 
@@ -38,7 +40,7 @@ class HeadGroup:
     start: int
     end: int
     counts: List[int]  # kept tokens per image, in packed order
-    head_runs: Optional[List[Tuple[int, int]]]  # kept heads as contiguous ranges [a, b), or None for all heads
+    head_runs: Optional[Tuple[Tuple[int, int], ...]]  # kept heads as contiguous ranges [a, b), or None for all heads
 
 
 @dataclass
@@ -52,8 +54,9 @@ class Packing:
         return self.groups[-1].end
 
 
-def head_runs(pattern: int, num_heads: int) -> List[Tuple[int, int]]:
-    """The kept heads of a bit pattern as contiguous ranges: 0b1101 -> [(0, 1), (2, 4)].
+@functools.lru_cache(maxsize=None)  # at most 2^H patterns per head count
+def head_runs(pattern: int, num_heads: int) -> Tuple[Tuple[int, int], ...]:
+    """The kept heads of a bit pattern as contiguous ranges: 0b1101 -> ((0, 1), (2, 4)).
 
     A range of heads is a contiguous slice of every weight matrix (in head-major layout), so it needs no gather.
     """
@@ -65,7 +68,7 @@ def head_runs(pattern: int, num_heads: int) -> List[Tuple[int, int]]:
         elif not kept and start is not None:
             runs.append((start, h))
             start = None
-    return runs
+    return tuple(runs)
 
 
 def pack_tokens(
@@ -198,15 +201,17 @@ def _cached(
         name: str,
         make: Callable[[], Any],
         params: Optional[Sequence[Optional[torch.Tensor]]] = None,
+        modules: Tuple[Optional[torch.nn.Module], ...] = (),
 ) -> Any:
     """What ``make`` returns (re-laid-out weights), kept on ``module`` and remade whenever one of ``params`` (default:
-    ``module``'s own) changes: load_state_dict, training, ``.to``."""
+    ``module``'s own) changes (load_state_dict, training, ``.to``) or one of ``modules`` is replaced."""
     # ``_parameters`` directly: ``parameters()`` walks a generator chain that costs more than the key itself, and this
-    # runs several times per block at batch 1.
+    # runs several times per block at batch 1. No device in the key (making a ``torch.device`` is a good part of a
+    # field's cost): a move to another device gives every tensor new storage, and so a new address.
     params = module._parameters.values() if params is None else params
-    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params if p is not None)
+    key = (modules, [(p.data_ptr(), p._version, p.dtype) for p in params if p is not None])
     cache = module.__dict__.get(name)
-    if cache is None or cache[0] != key:
+    if cache is None or cache[0] != key:  # modules compare by identity
         with torch.no_grad():
             cache = (key, make())
         module.__dict__[name] = cache
@@ -274,7 +279,7 @@ def _kept_heads_matmul_into(
         x: torch.Tensor,
         weight_t: torch.Tensor,
         bias: Optional[torch.Tensor],
-        runs: List[Tuple[int, int]],
+        runs: Sequence[Tuple[int, int]],
         head_dim: int,
         x_is_full_width: bool,
         accumulate: bool = False,
@@ -309,7 +314,7 @@ def _kept_heads_matmul_into(
             _linear_into(out, x_run, weight_t[lo:hi], bias if i == 0 else None, accumulate or i > 0)
 
 
-def _run_channels(runs: List[Tuple[int, int]], head_dim: int, device: torch.device) -> torch.Tensor:
+def _run_channels(runs: Sequence[Tuple[int, int]], head_dim: int, device: torch.device) -> torch.Tensor:
     """Channel indices of the heads in ``runs``, in order."""
     return torch.cat([torch.arange(a * head_dim, b * head_dim, device=device) for a, b in runs])
 
@@ -376,7 +381,7 @@ def _qkv_into(
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: Optional[torch.Tensor],
-        runs: List[Tuple[int, int]],
+        runs: Sequence[Tuple[int, int]],
         head_dim: int,
 ) -> torch.Tensor:
     """q, k, v of the kept heads for the rows ``x`` (T, D), written into ``out`` (T * h * 3, dh) as (T, h, 3, dh).
@@ -677,24 +682,28 @@ def _output_rows(rows: torch.Tensor, width: int, spans: List[Tuple[int, int]], d
     return rows.new_zeros(len(rows), width, dtype=dtype)
 
 
+# ``torch.ops.aten.gelu_`` resolves its overload on every call: at batch 1 that cost 5 us of a 44 us GELU (hot).
+_GELU_IN_PLACE = torch.ops.aten.gelu_.default
+
+
 def _activate(act: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """``act(hidden)``, in place for GELU: the hidden buffer is the executor's own, so no second (C, R) buffer is
     made (timm's Mlp, with one, is 12% slower on an FFN of 12,800 x 96 -> 384). Other activations run as defined."""
     if type(act) is torch.nn.GELU:
-        return torch.ops.aten.gelu_(hidden, approximate=act.approximate)
+        return _GELU_IN_PLACE(hidden, approximate=act.approximate)
     return act(hidden)
 
 
 def normed_rows(
-        block: Block,
+        norm1: Callable[[torch.Tensor], torch.Tensor],
         x_normed: Optional[torch.Tensor],
         residual: torch.Tensor,
         rows: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """``norm1`` of a sub-block's packed rows (T, D): the ``rows`` of ``x_normed`` where the model has normed every
-    token (for its patch gate), else ``block.norm1`` of ``residual``, those rows of the stream, alone."""
+    """The block's ``norm1`` of a sub-block's packed rows (T, D): the ``rows`` of ``x_normed`` where the model has
+    normed every token (for its patch gate), else ``norm1`` of ``residual``, those rows of the stream, alone."""
     if x_normed is None:
-        return block.norm1(residual)
+        return norm1(residual)
     flat = x_normed.reshape(-1, x_normed.shape[-1])
     return flat if rows is None else flat.index_select(0, rows)
 
@@ -794,9 +803,9 @@ def _plan_batch(
     return pack_sub_blocks(run_msa, run_ffn, tokens, heads, num_tokens, batch_size, device)
 
 
-class _SingleImageWeights(NamedTuple):
-    """A block's weights as the latency path uses them (``_single_image_weights``): the slices for each contiguous range
-    of heads [a, b) made beforehand, so that no matmul on kept heads slices a weight first."""
+class _SingleImagePlan(NamedTuple):
+    """A plain block as the latency path runs it (``_single_image_plan``): the weights of each contiguous range of heads
+    [a, b) sliced beforehand, and the norms and the activation as calls of their kernels, not of their modules."""
     qkv: Dict[Tuple[int, int], Tuple[torch.Tensor, Optional[torch.Tensor]]]  # qkv^T (D, w*3*dh): [q_a; k_a; v_a; ...]
     proj: Dict[Tuple[int, int], torch.Tensor]  # rows of proj^T (w * dh, D)
     fc1: Dict[Tuple[int, int], torch.Tensor]  # rows of fc1^T (w * dh, R), a view of the weight
@@ -804,50 +813,76 @@ class _SingleImageWeights(NamedTuple):
     fc1_bias: Optional[torch.Tensor]
     fc2_t: torch.Tensor  # (R, D) view
     fc2_bias: Optional[torch.Tensor]
+    norm1: Callable[[torch.Tensor], torch.Tensor]
+    norm2: Callable[[torch.Tensor], torch.Tensor]
+    activate: Callable[[torch.Tensor], torch.Tensor]  # in place where it can be (``_activate``)
+    dtype: torch.dtype  # the weights'
+    num_heads: int
+    head_dim: int
 
 
-def _single_image_weights(block: Block) -> _SingleImageWeights:
-    """The block's ``_SingleImageWeights``, remade whenever a weight changes (load_state_dict, training, ``.to``)."""
-    # The weights by dictionary lookups instead of module attributes (each a ``__getattr__``): this runs once per block
-    # at batch 1.
+_PLAIN_LAYER_NORMS = (torch.nn.LayerNorm, LayerNorm)
+
+
+def _norm_kernel(norm: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``norm`` as a call of ``F.layer_norm`` where it is a plain LayerNorm (its attributes read on each call, as the
+    module's forward reads them), else the module itself."""
+    if type(norm) not in _PLAIN_LAYER_NORMS or norm.__dict__.get('_fast_norm', False):
+        return norm
+    params = norm._parameters
+    return lambda x: F.layer_norm(x, norm.normalized_shape, params['weight'], params['bias'], norm.eps)
+
+
+def _single_image_plan(block: Block) -> Optional[_SingleImagePlan]:
+    """The block's ``_SingleImagePlan``, remade whenever a weight changes (load_state_dict, training, ``.to``) or a
+    module is replaced; None where the block is not timm's plain layout (layer scale, q/k norm, a norm inside the MLP),
+    which the batch path serves."""
+    # Dictionary lookups instead of module attributes (each a ``__getattr__``): this runs once per block at batch 1,
+    # where Python runs with caches full of weights (DeiT-S's forward spent 2.3x the Python time of a 12-wide twin's).
     parts = block._modules
     attn, mlp = parts['attn']._modules, parts['mlp']._modules
-    params = [m._parameters[name] for m in (attn['qkv'], attn['proj'], mlp['fc1'], mlp['fc2'])
-              for name in ('weight', 'bias')]
+    linears = (attn['qkv'], attn['proj'], mlp['fc1'], mlp['fc2'])
+    modules = (parts['ls1'], parts['ls2'], attn['q_norm'], attn['k_norm'], mlp.get('norm'), parts['norm1'],
+               parts['norm2'], mlp['act']) + linears
+    params = [m._parameters[name] for m in linears for name in ('weight', 'bias')]
 
     def make():
+        if not all(type(m) is torch.nn.Identity for m in modules[:5]):
+            return None
         H, dh = block.attn.num_heads, block.attn.head_dim
         w_qkv, b_qkv = _head_major_qkv(attn['qkv'], H, parts=3)  # rows [q_h; k_h; v_h] per head
         proj_t, fc1_t = _transposed(attn['proj']), params[4].t()
+        act = mlp['act']
+        activate = (lambda h: _GELU_IN_PLACE(h, approximate=act.approximate)) if type(act) is torch.nn.GELU else act
         ranges = [(a, b) for a in range(H) for b in range(a + 1, H + 1)]
-        return _SingleImageWeights(
+        return _SingleImagePlan(
             qkv={(a, b): (w_qkv[a * 3 * dh:b * 3 * dh].t(), None if b_qkv is None else b_qkv[a * 3 * dh:b * 3 * dh])
                  for a, b in ranges},
             proj={(a, b): proj_t[a * dh:b * dh] for a, b in ranges},
             fc1={(a, b): fc1_t[a * dh:b * dh] for a, b in ranges},
-            proj_bias=params[3], fc1_bias=params[5], fc2_t=params[6].t(), fc2_bias=params[7])
-    return _cached(block, '_adavit_single_image_weights', make, params)
+            proj_bias=params[3], fc1_bias=params[5], fc2_t=params[6].t(), fc2_bias=params[7],
+            norm1=_norm_kernel(parts['norm1']), norm2=_norm_kernel(parts['norm2']), activate=activate,
+            dtype=params[0].dtype, num_heads=H, head_dim=dh)
+    return _cached(block, '_adavit_single_image_plan', make, params, modules)
 
 
-def _runs_single_image_path(block: Block, x: torch.Tensor, head_mode: str) -> bool:
-    """Whether ``_single_image_block_forward`` serves this call: one image, full head deactivation, weights in the
-    stream's dtype, and timm's plain block layout (no layer scale, q/k norm or norm inside the MLP)."""
+def _latency_plan(block: Block, x: torch.Tensor, head_mode: str) -> Optional[_SingleImagePlan]:
+    """The plan ``_single_image_block_forward`` runs this call with, or None where the batch path serves it: it takes
+    one image, full head deactivation, a plain block (``_single_image_plan``) and weights in the stream's dtype."""
     if x.shape[0] != 1 or head_mode != 'full':
-        return False
-    # ``_modules`` lookups, not attribute access: this runs once per block at batch 1, where microseconds count.
-    parts = block._modules
-    attn, identity = parts['attn']._modules, torch.nn.Identity
-    return (type(parts['ls1']) is identity and type(parts['ls2']) is identity and type(attn['q_norm']) is identity
-            and type(attn['k_norm']) is identity and type(parts['mlp']._modules.get('norm')) is identity
-            and x.dtype == attn['qkv'].weight.dtype and _compute_dtype(x) == x.dtype)
+        return None
+    plan = _single_image_plan(block)
+    if plan is None or x.dtype != plan.dtype or _compute_dtype(x) != x.dtype:
+        return None
+    return plan
 
 
-def _single_image_masks(
+def _single_image_decisions(
         patch_keep: Optional[torch.Tensor],
         head_keep: Optional[torch.Tensor],
         block_keep: Optional[torch.Tensor],
         on_host: bool,
-) -> Tuple[bool, bool, Optional[List[bool]], Optional[np.ndarray]]:
+) -> Tuple[bool, bool, Optional[Tuple[Tuple[int, int], ...]], Optional[np.ndarray]]:
     """One image's decisions (``sparse_block_forward``'s, B = 1) on the host.
 
     Args:
@@ -855,107 +890,110 @@ def _single_image_masks(
             them (``batch_masks``), so that a GPU waits once per block.
 
     Returns:
-        (runs the MSA, runs the FFN, kept heads (H,) or None for all, kept tokens (N,) bool or None for all).
+        (runs the MSA, runs the FFN, kept heads as ``head_runs`` or None for all, kept token indices (T,) or None for
+        all).
     """
     if not on_host:
         tokens, heads, run_msa, run_ffn = batch_masks(patch_keep, head_keep, block_keep)
-        return (run_msa is None or bool(run_msa[0]), run_ffn is None or bool(run_ffn[0]),
-                None if heads is None else heads[0].tolist(), None if tokens is None else tokens[0])
-    run_msa = run_ffn = True
-    if block_keep is not None:
-        run_msa, run_ffn = (v > 0.5 for v in block_keep[0].tolist())
-    heads = None
+        block_keep = None if run_msa is None and run_ffn is None else \
+            [run_msa is None or run_msa[0], run_ffn is None or run_ffn[0]]
+        head_keep = None if heads is None else heads[0].tolist()
+        patch_keep = None if tokens is None else tokens[0]
+    else:
+        block_keep = None if block_keep is None else [v > 0.5 for v in block_keep[0].tolist()]
+        head_keep = None if head_keep is None else [v > 0.5 for v in head_keep[0].tolist()]
+        patch_keep = None if patch_keep is None else _as_mask(patch_keep)[0]
+    run_msa, run_ffn = (True, True) if block_keep is None else (bool(block_keep[0]), bool(block_keep[1]))
+    runs = None
     if head_keep is not None:
-        heads = [v > 0.5 for v in head_keep[0].tolist()]
-        heads = None if all(heads) else heads
-    tokens = None if patch_keep is None else _as_mask(patch_keep)[0]
-    tokens = None if tokens is None or tokens.all() else tokens
-    return run_msa, run_ffn, heads, tokens
+        pattern = sum(1 << h for h, kept in enumerate(head_keep) if kept)
+        runs = None if pattern == (1 << len(head_keep)) - 1 else head_runs(pattern, len(head_keep))
+    rows = None
+    if patch_keep is not None:
+        rows = np.flatnonzero(patch_keep)
+        rows = None if rows.size == patch_keep.size else rows
+    return run_msa, run_ffn, runs, rows
 
 
 def _single_image_block_forward(
         block: Block,
+        plan: _SingleImagePlan,
         x: torch.Tensor,
         x_normed: Optional[torch.Tensor],
         patch_keep: Optional[torch.Tensor],
         head_keep: Optional[torch.Tensor],
         block_keep: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """The latency path (``sparse_block_forward``'s arguments, B = 1). One image is one head group, so there is nothing
-    to pack, group or bucket: the block runs as a dense one does, on the kept tokens and the kept heads' weights.
+    """The latency path (``sparse_block_forward``'s arguments, B = 1, and the block's ``_latency_plan``). One image is
+    one head group, so there is nothing to pack, group or bucket: the block runs as a dense one does, on the kept tokens
+    and the kept heads' weights, every head as one range of them.
 
     At batch 1 a DeiT-S block is a few dozen small ops, and in the middle of a forward, with the caches full of
     weights, the Python around each op costs a fair share of the block's time. So this path reads the decisions
-    straight into NumPy, takes its weight slices ready-made (``_single_image_weights``) and calls the kernels directly.
-    Paired against the batch path (2 threads, Intel Xeon, DeiT-S at keep 0.7/0.7/0.9, 32 inputs x 7 rounds): 1.029x
-    the speed, with the same outputs bit for bit; a prototype without the checks of the weights and of the decisions'
-    type was another 1.02-1.04x faster.
+    straight into NumPy, takes its weight slices ready-made and calls the kernels, not the modules. Paired against the
+    batch path (2 threads, Intel Xeon, DeiT-S at keep 0.7/0.7/0.9): 1.029x the speed while it still called the norms,
+    the activation, and timm's attention and MLP where every head is kept, as modules; calling kernels (every head as
+    one range), 1.050x that again (1.058x with the decision networks, 1.031x with every unit kept).
     """
     _, N, D = x.shape
     on_cpu = x.device.type == 'cpu'  # and so are the decisions, which the model makes where x is
-    run_msa, run_ffn, heads, tokens = _single_image_masks(patch_keep, head_keep, block_keep, on_host=on_cpu)
+    run_msa, run_ffn, runs, kept = _single_image_decisions(patch_keep, head_keep, block_keep, on_host=on_cpu)
     if not (run_msa or run_ffn):
         return x
-    attn, mlp = block.attn, block.mlp
-    # kept heads as ranges, kept tokens as rows; None for all
-    runs = None if heads is None else head_runs(sum(1 << h for h, k in enumerate(heads) if k), len(heads))
-    rows = None if tokens is None else index_tensor([np.flatnonzero(tokens)], x.device)  # (T,)
+    dh = plan.head_dim
+    if runs is None:  # every head: one range
+        runs = ((0, plan.num_heads),)
+    rows = None if kept is None else index_tensor([kept], x.device)  # (T,)
     flat = x.view(N, D)
     residual = flat if rows is None else flat.index_select(0, rows)  # (T, D): updated in place, then written back
     T = residual.shape[0]
-    weights = None if runs is None else _single_image_weights(block)
-    dh = attn.head_dim
     if run_msa:
-        normed = normed_rows(block, x_normed, residual, rows)  # (T, D)
-        if runs is None:
-            residual += attn(normed.view(1, T, D)).view(T, D)  # every head: timm's own module
-        else:
-            h = sum(b - a for a, b in runs)
-            if h:
-                qkv = normed.new_empty(T, h * 3 * dh)  # (T, h, 3, dh) flattened
-                # The loops below do what ``_qkv_into`` and ``_kept_heads_matmul_into`` do, written out: calling those
-                # helpers here, with these views, measured 0.979x the speed at batch 1 (paired, DeiT-S, 2 threads).
-                column = 0
-                for run in runs:  # one matmul per range of kept heads, into its columns
-                    w_qkv, b_qkv = weights.qkv[run]
-                    width = w_qkv.shape[1]
-                    if b_qkv is None:
-                        torch.mm(normed, w_qkv, out=qkv[:, column:column + width])
-                    else:
-                        torch.addmm(b_qkv, normed, w_qkv, out=qkv[:, column:column + width])
-                    column += width
-                q, k, v = qkv.view(1, T, h, 3, dh).permute(3, 0, 2, 1, 4).unbind(0)  # (1, h, T, dh) each
-                if T > SINGLE_IMAGE_MATH_ATTENTION_UP_TO:  # flash, called straight: (1, h, T, dh) -> (T, h * dh)
-                    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(T, h * dh)
+        normed = normed_rows(plan.norm1, x_normed, residual, rows)  # (T, D)
+        h = 0
+        for a, b in runs:
+            h += b - a
+        if h:
+            qkv = normed.new_empty(T, h * 3 * dh)  # (T, h, 3, dh) flattened
+            # The loops below do what ``_qkv_into`` and ``_kept_heads_matmul_into`` do, written out: calling those
+            # helpers here, with these views, measured 0.979x the speed at batch 1 (paired, DeiT-S, 2 threads).
+            column = 0
+            for run in runs:  # one matmul per range of kept heads, into its columns
+                w_qkv, b_qkv = plan.qkv[run]
+                width = w_qkv.shape[1]
+                if b_qkv is None:
+                    torch.mm(normed, w_qkv, out=qkv[:, column:column + width])
                 else:
-                    o = _attention(q, k, v, None, dh ** -0.5).reshape(h, T, dh).transpose(0, 1).reshape(T, h * dh)
-                column = 0
-                for run in runs:  # proj on the kept heads' rows, added into the residual rows
-                    proj_t = weights.proj[run]
-                    torch.addmm(residual, o[:, column:column + proj_t.shape[0]], proj_t, out=residual)
-                    column += proj_t.shape[0]
-            if weights.proj_bias is not None:  # a dropped head's output is 0: with none kept, proj gives its bias
-                residual += weights.proj_bias
+                    torch.addmm(b_qkv, normed, w_qkv, out=qkv[:, column:column + width])
+                column += width
+            q, k, v = qkv.view(1, T, h, 3, dh).permute(3, 0, 2, 1, 4).unbind(0)  # (1, h, T, dh) each
+            if T > SINGLE_IMAGE_MATH_ATTENTION_UP_TO:  # flash, called straight: (1, h, T, dh) -> (T, h * dh)
+                o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(T, h * dh)
+            else:
+                o = _attention(q, k, v, None, dh ** -0.5).reshape(h, T, dh).transpose(0, 1).reshape(T, h * dh)
+            column = 0
+            for run in runs:  # proj on the kept heads' rows, added into the residual rows
+                proj_t = plan.proj[run]
+                torch.addmm(residual, o[:, column:column + proj_t.shape[0]], proj_t, out=residual)
+                column += proj_t.shape[0]
+        if plan.proj_bias is not None:  # a dropped head's output is 0: with none kept, proj gives its bias
+            residual += plan.proj_bias
     if run_ffn:
-        normed = block.norm2(residual)  # (T, D)
-        if runs is None:
-            residual += mlp(normed)  # every head: timm's own module
-        else:
-            hidden = normed.new_empty(T, weights.fc2_t.shape[0])  # (T, R)
-            bias = weights.fc1_bias
-            if not runs:  # no head's channels: fc1 gives its bias
-                hidden.copy_(bias.expand_as(hidden)) if bias is not None else hidden.zero_()
-            for i, (a, b) in enumerate(runs):  # fc1 on the kept heads' channels, accumulated
-                fc1_t = weights.fc1[a, b]
-                if i == 0 and bias is not None:
-                    torch.addmm(bias, normed[:, a * dh:b * dh], fc1_t, out=hidden)
-                elif i == 0:
-                    torch.mm(normed[:, a * dh:b * dh], fc1_t, out=hidden)
-                else:
-                    torch.addmm(hidden, normed[:, a * dh:b * dh], fc1_t, out=hidden)
-            torch.addmm(residual, _activate(mlp.act, hidden), weights.fc2_t, out=residual)
-            if weights.fc2_bias is not None:
-                residual += weights.fc2_bias
+        normed = plan.norm2(residual)  # (T, D)
+        hidden = normed.new_empty(T, plan.fc2_t.shape[0])  # (T, R)
+        bias = plan.fc1_bias
+        if not runs:  # no head's channels: fc1 gives its bias
+            hidden.copy_(bias.expand_as(hidden)) if bias is not None else hidden.zero_()
+        for i, (a, b) in enumerate(runs):  # fc1 on the kept heads' channels, accumulated
+            fc1_t = plan.fc1[a, b]
+            if i == 0 and bias is not None:
+                torch.addmm(bias, normed[:, a * dh:b * dh], fc1_t, out=hidden)
+            elif i == 0:
+                torch.mm(normed[:, a * dh:b * dh], fc1_t, out=hidden)
+            else:
+                torch.addmm(hidden, normed[:, a * dh:b * dh], fc1_t, out=hidden)
+        torch.addmm(residual, plan.activate(hidden), plan.fc2_t, out=residual)
+        if plan.fc2_bias is not None:
+            residual += plan.fc2_bias
     if rows is not None:
         _copy_rows(flat, rows, residual)
     return x
@@ -1000,8 +1038,9 @@ def sparse_block_forward(
     """
     # At batch 1 the latency path runs on every device: on an H200 in bf16 it took 6.9 ms a DeiT-S forward against the
     # accelerator plan's 11.6 (198 kernel launches against 309; keep 0.7/0.7/0.9, paired).
-    if _runs_single_image_path(block, x, head_mode):
-        return _single_image_block_forward(block, x, x_normed, patch_keep, head_keep, block_keep)
+    plan = _latency_plan(block, x, head_mode)
+    if plan is not None:
+        return _single_image_block_forward(block, plan, x, x_normed, patch_keep, head_keep, block_keep)
     if runs_accelerator_plan(x.device):
         from .sparse_accelerator import accelerator_block_forward  # it builds on this module's helpers
         return accelerator_block_forward(block, x, x_normed, patch_keep, head_keep, block_keep, head_mode)
@@ -1018,7 +1057,7 @@ def sparse_block_forward(
     if msa_packing is not None:
         residual = flat if msa_packing.rows is None else flat.index_select(0, msa_packing.rows)  # (T, D)
         into = residual if plain and isinstance(block.ls1, torch.nn.Identity) else None
-        out = _msa(block, normed_rows(block, x_normed, residual, msa_packing.rows), msa_packing, head_mode, into)
+        out = _msa(block, normed_rows(block.norm1, x_normed, residual, msa_packing.rows), msa_packing, head_mode, into)
         if out is not residual:
             residual += block.ls1(out).to(x.dtype)
         if msa_packing.rows is not None and not shared:

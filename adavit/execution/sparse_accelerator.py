@@ -210,7 +210,7 @@ def accelerator_block_forward(
     if msa is not None:
         rows = None if msa.rows is None else index[msa.rows]
         residual = flat if rows is None else flat.index_select(0, rows)  # (T, D)
-        normed = normed_rows(block, x_normed, residual, rows)  # (T, D)
+        normed = normed_rows(block.norm1, x_normed, residual, rows)  # (T, D)
         out = _msa(block, normed, msa, attention, index, head_mode, kept_heads, rows, N)
         residual += _cast(_apply(block.ls1, out), residual.dtype)
         if rows is not None and not shared:  # shared rows are written back after the FFN
