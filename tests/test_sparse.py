@@ -597,6 +597,24 @@ def test_single_image_path_follows_replaced_modules_and_norm_attributes():
     assert sparse._latency_plan(model.blocks[3], probe, 'full') is None
 
 
+def test_model_with_latency_plans_pickles():
+    """``torch.save(model)`` after a batch-1 forward: the plans it holds pickle, and the copy's plans call the copy's
+    modules, so its outputs follow its own norms."""
+    import io
+    model = AdaViT(**TINY).eval()
+    x, decisions = torch.randn(1, 3, 32, 32), _random_decisions(1, seed=6)
+    with torch.no_grad():
+        before = model(x, decisions=decisions)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        copy = torch.load(buffer, weights_only=False)  # our own object, just written
+        assert torch.equal(copy(x, decisions=decisions), before)
+        copy.blocks[0].norm2.eps = 10.0
+        assert not torch.equal(copy(x, decisions=decisions), before)
+        assert torch.equal(model(x, decisions=decisions), before)
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16, torch.bool])
 def test_single_image_decisions_read_in_place_as_through_one_copy(dtype):
     """CPU decisions are read in place; on other devices one copy brings a block's decisions to the host

@@ -824,13 +824,33 @@ class _SingleImagePlan(NamedTuple):
 _PLAIN_LAYER_NORMS = (torch.nn.LayerNorm, LayerNorm)
 
 
+class _LayerNormKernel:
+    """A plain LayerNorm as a call of ``F.layer_norm``, reading the module's attributes on every call as its forward
+    does. A class, not a closure, so that a model that holds it in its plan still pickles (``torch.save(model)``)."""
+
+    def __init__(self, norm: torch.nn.LayerNorm) -> None:
+        self.norm, self.params = norm, norm._parameters
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        norm, params = self.norm, self.params
+        return F.layer_norm(x, norm.normalized_shape, params['weight'], params['bias'], norm.eps)
+
+
+class _InPlaceGELU:
+    """``_activate`` for a GELU module, without its type check: the plan made that once."""
+
+    def __init__(self, act: torch.nn.GELU) -> None:
+        self.act = act
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _GELU_IN_PLACE(hidden, approximate=self.act.approximate)
+
+
 def _norm_kernel(norm: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``norm`` as a call of ``F.layer_norm`` where it is a plain LayerNorm (its attributes read on each call, as the
-    module's forward reads them), else the module itself."""
+    """``norm`` as a ``_LayerNormKernel`` where it is a plain LayerNorm, else the module itself."""
     if type(norm) not in _PLAIN_LAYER_NORMS or norm.__dict__.get('_fast_norm', False):
         return norm
-    params = norm._parameters
-    return lambda x: F.layer_norm(x, norm.normalized_shape, params['weight'], params['bias'], norm.eps)
+    return _LayerNormKernel(norm)
 
 
 def _single_image_plan(block: Block) -> Optional[_SingleImagePlan]:
@@ -853,7 +873,7 @@ def _single_image_plan(block: Block) -> Optional[_SingleImagePlan]:
         w_qkv, b_qkv = _head_major_qkv(attn['qkv'], H, parts=3)  # rows [q_h; k_h; v_h] per head
         proj_t, fc1_t = _transposed(attn['proj']), params[4].t()
         act = mlp['act']
-        activate = (lambda h: _GELU_IN_PLACE(h, approximate=act.approximate)) if type(act) is torch.nn.GELU else act
+        activate = _InPlaceGELU(act) if type(act) is torch.nn.GELU else act
         ranges = [(a, b) for a in range(H) for b in range(a + 1, H + 1)]
         return _SingleImagePlan(
             qkv={(a, b): (w_qkv[a * 3 * dh:b * 3 * dh].t(), None if b_qkv is None else b_qkv[a * 3 * dh:b * 3 * dh])
