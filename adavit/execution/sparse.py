@@ -862,12 +862,12 @@ def _single_image_plan(block: Block) -> Optional[_SingleImagePlan]:
     parts = block._modules
     attn, mlp = parts['attn']._modules, parts['mlp']._modules
     linears = (attn['qkv'], attn['proj'], mlp['fc1'], mlp['fc2'])
-    modules = (parts['ls1'], parts['ls2'], attn['q_norm'], attn['k_norm'], mlp.get('norm'), parts['norm1'],
-               parts['norm2'], mlp['act']) + linears
+    absent = (parts['ls1'], parts['ls2'], attn['q_norm'], attn['k_norm'], mlp.get('norm'))  # Identity in a plain block
+    modules = absent + (parts['norm1'], parts['norm2'], mlp['act']) + linears
     params = [m._parameters[name] for m in linears for name in ('weight', 'bias')]
 
     def make():
-        if not all(type(m) is torch.nn.Identity for m in modules[:5]):
+        if not all(type(m) is torch.nn.Identity for m in absent):
             return None
         H, dh = block.attn.num_heads, block.attn.head_dim
         w_qkv, b_qkv = _head_major_qkv(attn['qkv'], H, parts=3)  # rows [q_h; k_h; v_h] per head
@@ -913,25 +913,26 @@ def _single_image_decisions(
         (runs the MSA, runs the FFN, kept heads as ``head_runs`` or None for all, kept token indices (T,) or None for
         all).
     """
+    # (2,) sub-blocks run, (H,) heads kept, (N,) tokens kept, each None for all
     if not on_host:
         tokens, heads, run_msa, run_ffn = batch_masks(patch_keep, head_keep, block_keep)
-        block_keep = None if run_msa is None and run_ffn is None else \
+        sub_blocks = None if run_msa is None and run_ffn is None else \
             [run_msa is None or run_msa[0], run_ffn is None or run_ffn[0]]
-        head_keep = None if heads is None else heads[0].tolist()
-        patch_keep = None if tokens is None else tokens[0]
+        heads = None if heads is None else heads[0].tolist()
+        tokens = None if tokens is None else tokens[0]
     else:
-        block_keep = None if block_keep is None else [v > 0.5 for v in block_keep[0].tolist()]
-        head_keep = None if head_keep is None else [v > 0.5 for v in head_keep[0].tolist()]
-        patch_keep = None if patch_keep is None else _as_mask(patch_keep)[0]
-    run_msa, run_ffn = (True, True) if block_keep is None else (bool(block_keep[0]), bool(block_keep[1]))
+        sub_blocks = None if block_keep is None else [v > 0.5 for v in block_keep[0].tolist()]
+        heads = None if head_keep is None else [v > 0.5 for v in head_keep[0].tolist()]
+        tokens = None if patch_keep is None else _as_mask(patch_keep)[0]
+    run_msa, run_ffn = (True, True) if sub_blocks is None else (bool(sub_blocks[0]), bool(sub_blocks[1]))
     runs = None
-    if head_keep is not None:
-        pattern = sum(1 << h for h, kept in enumerate(head_keep) if kept)
-        runs = None if pattern == (1 << len(head_keep)) - 1 else head_runs(pattern, len(head_keep))
+    if heads is not None:
+        pattern = sum(1 << h for h, kept in enumerate(heads) if kept)
+        runs = None if pattern == (1 << len(heads)) - 1 else head_runs(pattern, len(heads))
     rows = None
-    if patch_keep is not None:
-        rows = np.flatnonzero(patch_keep)
-        rows = None if rows.size == patch_keep.size else rows
+    if tokens is not None:
+        rows = np.flatnonzero(tokens)
+        rows = None if rows.size == tokens.size else rows
     return run_msa, run_ffn, runs, rows
 
 
