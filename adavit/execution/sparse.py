@@ -815,7 +815,7 @@ class _SingleImagePlan(NamedTuple):
     fc2_bias: Optional[torch.Tensor]
     norm1: Callable[[torch.Tensor], torch.Tensor]
     norm2: Callable[[torch.Tensor], torch.Tensor]
-    activate: Callable[[torch.Tensor], torch.Tensor]  # in place where it can be (``_activate``)
+    activate: Callable[[torch.Tensor], torch.Tensor]  # ``_activate`` of the block's activation: in place for GELU
     dtype: torch.dtype  # the weights'
     num_heads: int
     head_dim: int
@@ -834,16 +834,6 @@ class _LayerNormKernel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         norm, params = self.norm, self.params
         return F.layer_norm(x, norm.normalized_shape, params['weight'], params['bias'], norm.eps)
-
-
-class _InPlaceGELU:
-    """``_activate`` for a GELU module, without its type check: the plan made that once."""
-
-    def __init__(self, act: torch.nn.GELU) -> None:
-        self.act = act
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _GELU_IN_PLACE(hidden, approximate=self.act.approximate)
 
 
 def _norm_kernel(norm: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -872,8 +862,6 @@ def _single_image_plan(block: Block) -> Optional[_SingleImagePlan]:
         H, dh = block.attn.num_heads, block.attn.head_dim
         w_qkv, b_qkv = _head_major_qkv(attn['qkv'], H, parts=3)  # rows [q_h; k_h; v_h] per head
         proj_t, fc1_t = _transposed(attn['proj']), params[4].t()
-        act = mlp['act']
-        activate = _InPlaceGELU(act) if type(act) is torch.nn.GELU else act
         ranges = [(a, b) for a in range(H) for b in range(a + 1, H + 1)]
         return _SingleImagePlan(
             qkv={(a, b): (w_qkv[a * 3 * dh:b * 3 * dh].t(), None if b_qkv is None else b_qkv[a * 3 * dh:b * 3 * dh])
@@ -881,7 +869,8 @@ def _single_image_plan(block: Block) -> Optional[_SingleImagePlan]:
             proj={(a, b): proj_t[a * dh:b * dh] for a, b in ranges},
             fc1={(a, b): fc1_t[a * dh:b * dh] for a, b in ranges},
             proj_bias=params[3], fc1_bias=params[5], fc2_t=params[6].t(), fc2_bias=params[7],
-            norm1=_norm_kernel(parts['norm1']), norm2=_norm_kernel(parts['norm2']), activate=activate,
+            norm1=_norm_kernel(parts['norm1']), norm2=_norm_kernel(parts['norm2']),
+            activate=functools.partial(_activate, mlp['act']),
             dtype=params[0].dtype, num_heads=H, head_dim=dh)
     return _cached(block, '_adavit_single_image_plan', make, params, modules)
 
@@ -937,7 +926,6 @@ def _single_image_decisions(
 
 
 def _single_image_block_forward(
-        block: Block,
         plan: _SingleImagePlan,
         x: torch.Tensor,
         x_normed: Optional[torch.Tensor],
@@ -945,9 +933,9 @@ def _single_image_block_forward(
         head_keep: Optional[torch.Tensor],
         block_keep: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """The latency path (``sparse_block_forward``'s arguments, B = 1, and the block's ``_latency_plan``). One image is
-    one head group, so there is nothing to pack, group or bucket: the block runs as a dense one does, on the kept tokens
-    and the kept heads' weights, every head as one range of them.
+    """The latency path (``sparse_block_forward``'s arguments, B = 1, with the block as its ``_latency_plan``). One
+    image is one head group, so there is nothing to pack, group or bucket: the block runs as a dense one does, on the
+    kept tokens and the kept heads' weights, every head as one range of them.
 
     At batch 1 a DeiT-S block is a few dozen small ops, and in the middle of a forward, with the caches full of
     weights, the Python around each op costs a fair share of the block's time. So this path reads the decisions
@@ -1061,7 +1049,7 @@ def sparse_block_forward(
     # accelerator plan's 11.6 (198 kernel launches against 309; keep 0.7/0.7/0.9, paired).
     plan = _latency_plan(block, x, head_mode)
     if plan is not None:
-        return _single_image_block_forward(block, plan, x, x_normed, patch_keep, head_keep, block_keep)
+        return _single_image_block_forward(plan, x, x_normed, patch_keep, head_keep, block_keep)
     if runs_accelerator_plan(x.device):
         from .sparse_accelerator import accelerator_block_forward  # it builds on this module's helpers
         return accelerator_block_forward(block, x, x_normed, patch_keep, head_keep, block_keep, head_mode)
