@@ -1,6 +1,7 @@
 """The speed benchmark's bookkeeping (not its timings): MACs, ratios and the JSON it writes."""
 import argparse
 import collections
+import importlib.util
 import json
 import os
 import platform
@@ -19,6 +20,15 @@ from adavit.cost.benchmark import (ACCELERATOR_WARMUP_CALLS, balanced_orders, cp
 from adavit.cost.macs import decision_macs, dense_macs
 from adavit.gates.budget import eval_keep_rates
 from adavit.training.checkpoint import load_model
+
+
+def load_benchmark_script(name: str):
+    """``benchmarks/<name>.py`` as a module (the scripts are not part of the package)."""
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(os.path.dirname(__file__), '..', 'benchmarks', f'{name}.py'))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
 
 
 def test_measure_speed_reports_consistent_ratios():
@@ -205,13 +215,8 @@ def test_benchmark_cli_times_a_checkpoint_on_its_own_validation_images(tmp_path,
 def test_ffn_chunks_benchmark_times_each_setting_and_restores_the_default(tmp_path):
     """benchmarks/ffn_chunks.py: one row per chunk setting, the efficiency against the dense twin, and the executor's
     own FFN_CHUNK_BYTES and executor back as they were."""
-    import importlib.util
-
     from adavit.execution import sparse
-    spec = importlib.util.spec_from_file_location(
-        'ffn_chunks', os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'ffn_chunks.py'))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark_script('ffn_chunks')
     default = dict(sparse.FFN_CHUNK_BYTES)
     out = tmp_path / 'chunks.json'
     result = script.main(['--model', 'adavit_deit_tiny_patch16_224', '--batch-size', '2', '--inputs', '2',
@@ -230,13 +235,8 @@ def test_ffn_chunks_benchmark_times_each_setting_and_restores_the_default(tmp_pa
 def test_padded_attention_benchmark_times_each_backend_with_same_and_new_decisions(tmp_path):
     """benchmarks/padded_attention.py: a row per (backend, decisions) on the accelerator plan, new decisions from seeds
     never used before, and the executor's backends and device plans back as they were."""
-    import importlib.util
-
     from adavit.execution import sparse, sparse_accelerator
-    spec = importlib.util.spec_from_file_location(
-        'padded_attention', os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'padded_attention.py'))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark_script('padded_attention')
     backends, grouped = sparse_accelerator.PADDED_ATTENTION_BACKENDS, sparse.HEAD_GROUPED_DEVICES
     packed = sparse_accelerator._runs_packed_attention
     first_fresh_seed = next(script._Contender._fresh_seeds)
@@ -264,11 +264,7 @@ def test_accelerators_warm_up_for_a_few_calls_whatever_the_rounds():
 
 def test_op_host_cost_benchmark_times_each_op_at_seen_new_and_rounded_row_counts(tmp_path):
     """benchmarks/op_host_cost.py: a row per (op, row count kind), positive microseconds, the JSON as printed."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        'op_host_cost', os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'op_host_cost.py'))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark_script('op_host_cost')
     out = tmp_path / 'ops.json'
     result = script.main(['--device', 'cpu', '--dtype', 'fp32', '--rows', '64', '--calls', '3', '--json', str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
@@ -282,11 +278,7 @@ def test_op_host_cost_benchmark_times_each_op_at_seen_new_and_rounded_row_counts
 def test_gemm_rows_benchmark_times_each_layer_at_each_row_count(tmp_path):
     """benchmarks/gemm_rows.py: a block's linears restricted to the kept heads, GMAC/s per row count, consistent with
     the times it reports."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        'gemm_rows', os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'gemm_rows.py'))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark_script('gemm_rows')
     # DeiT-S with 4 of 6 heads kept: qkv's outputs, proj's and fc1's inputs shrink, fc2 does not
     assert script.layer_shapes(384, 6, 4.0, 4) == {'qkv': (384, 768), 'proj': (256, 384), 'fc1': (256, 1536),
                                                    'fc2': (1536, 384)}
@@ -303,3 +295,32 @@ def test_gemm_rows_benchmark_times_each_layer_at_each_row_count(tmp_path):
         assert r['vs_most_rows']['16'] == 1.0
     with pytest.raises(SystemExit, match='--heads must lie in 1..6'):
         script.main(['--heads', '7', '--json', str(out)])
+
+
+def test_decision_cost_benchmark_times_the_networks_against_their_own_decisions_given(tmp_path):
+    """benchmarks/decision_cost.py: per batch size, the model deciding for itself and the same model handed its own
+    decisions; the MACs of the second leave out exactly the decision networks'."""
+    script = load_benchmark_script('decision_cost')
+    out = tmp_path / 'decisions.json'
+    result = script.main(['--model', 'adavit_deit_tiny_patch16_224', '--batch-sizes', '1,2', '--images-per-round', '2',
+                          '--warmup', '0', '--repeats', '2', '--json', str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert [(r['batch_size'], r['inputs']) for r in result['rows']] == [(1, 2), (2, 1)]
+    model = timm.create_model('adavit_deit_tiny_patch16_224', policy='learned')
+    dense_total = dense_macs(model)
+    D, H, patches = model.embed_dim, model.blocks[0].attn.num_heads, model.patch_embed.num_patches
+    network_macs = sum(D * patches * (blk.patch_gate is not None) + (D * H + 2 * D) * (blk.head_gate is not None)
+                       for blk in model.blocks)
+    assert network_macs > 0
+    for r in result['rows']:
+        assert r['decision_ms'] == pytest.approx(r['deciding_ms'] - r['given_ms'])
+        assert r['decision_share'] == pytest.approx(r['decision_ms'] / r['deciding_ms'])
+        assert len(r['decision_ms_by_round']) == 2
+        assert dense_total / r['mac_ratio_deciding'] - dense_total / r['mac_ratio_given'] == \
+            pytest.approx(network_macs, rel=1e-6)
+        assert 1.5 < r['mac_ratio_deciding'] < 2.5  # the gates set to keep 0.7/0.7/0.9 cost about half
+        for kind in ('deciding', 'given'):
+            assert r[f'efficiency_{kind}'] == pytest.approx(r['dense_ms'] / r[f'{kind}_ms'] / r[f'mac_ratio_{kind}'])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match='torch sees no CUDA device'):
+            script.main(['--device', 'cuda', '--json', str(out)])
