@@ -1,6 +1,7 @@
 """What AdaViT's decision networks cost at run time, apart from the sparse executor that carries their decisions out.
 
-Three contenders take turns on every input in changing order (``interleaved_times``), after a warm-up:
+Three contenders take turns in changing order after a warm-up, as in ``adavit benchmark`` (``interleaved_times``; by
+default a turn is an untimed call and then every input of the round in a row):
 
 * ``dense``: the dense timm twin, same weights, timm's default attention;
 * ``deciding``: AdaViT with its decision networks deciding (as ``adavit benchmark --policy gates``: the networks at
@@ -24,8 +25,8 @@ import torch
 
 import adavit  # noqa: F401 (registers the AdaViT models)
 from adavit.cli.benchmark import build_model
-from adavit.cost.benchmark import (DTYPES, batches_per_round, interleaved_times, machine_info, pin_allocator, timer,
-                                   warmup_rounds)
+from adavit.cost.benchmark import (DTYPES, INTERLEAVES, batches_per_round, interleaved_times, machine_info,
+                                   pin_allocator, timer, warmup_rounds)
 from adavit.cost.macs import decision_macs, dense_macs
 from adavit.files import write_json
 
@@ -41,6 +42,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument('--images-per-round', type=int, default=64,
                         help='a round covers about this many images (at least one batch, at most 32 batches)')
     parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--interleave', choices=INTERLEAVES, default='turn', help='as `adavit benchmark` takes it')
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--json', default=os.path.join(os.path.dirname(__file__), 'results', 'decision_cost.json'))
     return parser.parse_args(argv)
@@ -52,7 +54,8 @@ def main(argv: List[str]) -> Dict[str, object]:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit('--device cuda asked for, but torch sees no CUDA device: run on a GPU machine or drop --device')
+        raise SystemExit('--device cuda asked for, but torch sees no CUDA device: run on a GPU machine, or without '
+                         '--device')
     allocator = pin_allocator() if device.type == 'cpu' else 'default'
     keep = [float(k) for k in args.keep.split(',')]
     # The thresholds are set in fp32 on the CPU, as `adavit benchmark --policy gates` sets them.
@@ -75,7 +78,8 @@ def main(argv: List[str]) -> Dict[str, object]:
                 'given': timer(lambda pair: model(pair[0], decisions=pair[1]), list(zip(inputs, decisions)), False,
                                device)}
         with torch.inference_mode():
-            times = interleaved_times(runs, count, warmup_rounds(args.warmup, count, device), args.repeats)
+            times = interleaved_times(runs, count, warmup_rounds(args.warmup, count, device), args.repeats,
+                                      args.interleave)
         ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
         dense_total = dense_macs(dense)
         rows.append({
@@ -90,9 +94,9 @@ def main(argv: List[str]) -> Dict[str, object]:
         })
     result = {'benchmark': 'decision_cost', 'model': args.model, 'keep': keep, 'threads': torch.get_num_threads(),
               'device': str(device), 'dtype': args.dtype, 'machine': machine_info(str(device)), 'allocator': allocator,
-              'warmup': args.warmup, 'repeats': args.repeats, 'rows': rows}
+              'warmup': args.warmup, 'repeats': args.repeats, 'interleave': args.interleave, 'rows': rows}
     print(f'# {args.model}, gates set to keep {args.keep}, {result["threads"]} threads, {device} {args.dtype}, '
-          f'medians of {args.repeats} rounds; machine: {result["machine"]["cpu"]}')
+          f'medians of {args.repeats} rounds, turns by {args.interleave}; machine: {result["machine"]["cpu"]}')
     print(f'{"batch":>5}{"dense ms":>10}{"deciding ms":>13}{"given ms":>10}{"decisions ms":>14}{"share":>7}'
           f'{"MAC ratio":>11}{"eff. deciding":>15}{"eff. given":>12}   decisions ms by round')
     for r in rows:

@@ -59,7 +59,7 @@ def test_measure_speed_pairs_dense_and_sparse_round_by_round(monkeypatch):
     """The per-round efficiency divides each round's dense time by the same round's sparse time: a slow spell that
     slows both in one round leaves that round's ratio alone."""
     rounds = {'fused': [2.0, 4.0, 3.0], 'matmul': [5.0, 5.0, 5.0], 'sparse': [1.0, 1.0, 2.0], 'masked': [6.0] * 3}
-    monkeypatch.setattr(speed, 'interleaved_times', lambda runs, count, warmup, repeats: rounds)
+    monkeypatch.setattr(speed, 'interleaved_times', lambda runs, count, warmup, repeats, interleave: rounds)
     model = AdaViT(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=4, num_classes=5,
                    policy='random', random_keep=(0.5, 0.5, 0.8))
     row, = measure_speed(model, batch_sizes=(2,), threads=1, warmup=0, repeats=3, images_per_round=2)
@@ -91,6 +91,34 @@ def test_interleaved_medians_take_turns_on_every_input_and_rotate_who_goes_first
     calls.clear()
     assert interleaved_times({'a': run('a'), 'b': run('b')}, count=2, warmup=1, repeats=2) == {
         'a': [2.0, 3.0], 'b': [4.0, 4.0]}
+
+
+def test_interleaved_turns_run_every_input_in_a_row_after_an_untimed_call_and_rotate_turns():
+    """interleave="turn": per round each run takes one turn, an untimed call on the round's last input and then every
+    input in order; the turns' order changes from round to round as ``balanced_orders`` says."""
+    calls = []
+    durations = {'a': [7.0, 1.0, 3.0] * 3, 'b': [7.0, 4.0, 4.0] * 3}  # per call in call order, the untimed ones first
+
+    def run(name):
+        def call(i):
+            calls.append((name, i))
+            return durations[name][sum(1 for n, _ in calls if n == name) - 1]
+        return call
+
+    times = interleaved_times({'a': run('a'), 'b': run('b')}, count=2, warmup=1, repeats=2, interleave='turn')
+    assert calls == [('a', 1), ('a', 0), ('a', 1), ('b', 1), ('b', 0), ('b', 1),  # round 0 (warm-up): a's turn first
+                     ('b', 1), ('b', 0), ('b', 1), ('a', 1), ('a', 0), ('a', 1),  # round 1: b's
+                     ('a', 1), ('a', 0), ('a', 1), ('b', 1), ('b', 0), ('b', 1)]
+    # the untimed calls (7 s) count nowhere: a (1+3)/2 each round, b 4
+    assert times == {'a': [2.0, 2.0], 'b': [4.0, 4.0]}
+    calls.clear()
+    orders = []
+    runs = {name: (lambda name: lambda i: (orders.append(name) if i == 0 else None) or 1.0)(name) for name in 'abcd'}
+    interleaved_times(runs, count=3, warmup=0, repeats=4, interleave='turn')
+    assert [''.join(orders[k:k + 4]) for k in range(0, 16, 4)] == [''.join('abcd'[j] for j in order)
+                                                                    for order in balanced_orders(4)]
+    with pytest.raises(ValueError, match='interleave must be one of'):
+        interleaved_times(runs, count=1, warmup=0, repeats=1, interleave='round')
 
 
 @pytest.mark.parametrize('n', [2, 3, 4, 5])
@@ -140,12 +168,13 @@ def test_benchmark_cli_keep_all_costs_exactly_the_dense_model(tmp_path, capsys):
     result = json.loads(out.read_text())
     row = result['rows'][0]
     assert result['keep'] == [1.0, 1.0, 1.0]
-    assert result['settings'] == {'warmup_rounds': 0, 'timed_rounds': 1, 'images_per_round': 1,
+    assert result['settings'] == {'warmup_rounds': 0, 'timed_rounds': 1, 'images_per_round': 1, 'interleave': 'turn',
                                   'accelerator_warmup_calls': 5}
+    assert row['interleave'] == 'turn'
     assert row['mac_ratio'] == 1.0 and row['adaptive_gmacs'] == row['dense_gmacs']
     assert row['dense_gmacs'] == pytest.approx(1.2537, abs=1e-4)
     printed = capsys.readouterr().out
-    assert 'efficiency' in printed
+    assert 'efficiency' in printed and 'the models take turns by turn' in printed
     # every figure names the processor it was measured on
     assert result['machine']['cpu'] == cpu_name() and f'# machine: {cpu_name()}, ' in printed
     machine = result['machine']

@@ -5,8 +5,8 @@ from typing import Dict, List, Optional
 import timm
 import torch
 
-from ..cost.benchmark import (ACCELERATOR_WARMUP_CALLS, batches_per_round, format_rows, machine_info, measure_speed,
-                              rows_as_dicts)
+from ..cost.benchmark import (ACCELERATOR_WARMUP_CALLS, INTERLEAVES, batches_per_round, format_rows, machine_info,
+                              measure_speed, rows_as_dicts)
 from ..errors import ConfigError
 from ..files import write_json
 from ..gates.budget import calibrate_thresholds
@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--images-per-round', type=int, default=64)
+    parser.add_argument('--interleave', choices=INTERLEAVES, default='turn',
+                        help='turn (default): each model runs all of a round\'s inputs in a row, after an untimed '
+                             'call, as a deployed model follows itself; input: the models take turns on every input, '
+                             'so each call follows another model\'s')
     parser.add_argument('--data', default=None,
                         help='time on real validation images of this dataset (fashion-mnist or an ImageFolder root); '
                              'default with --checkpoint: the dataset it was trained on (learned gates decide from '
@@ -118,9 +122,9 @@ def run(args: argparse.Namespace) -> int:
     print(f'# inputs: {f"{len(images)} validation images" if images is not None else "Gaussian noise"}', flush=True)
     machine = machine_info(args.device)
     where = machine['cuda'] or f"{machine['cpu']}, {machine['cores']} cores"
-    print(f'# machine: {where}, torch {machine["torch"]}', flush=True)
+    print(f'# machine: {where}, torch {machine["torch"]}; the models take turns by {args.interleave}', flush=True)
     rows = measure_speed(model, args.batch_sizes, args.threads, args.device, args.dtype, args.warmup, args.repeats,
-                         args.images_per_round, log=None, images=images)
+                         args.images_per_round, log=None, images=images, interleave=args.interleave)
     print(format_rows(rows))
     if args.json:
         result = {
@@ -133,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             'machine': machine,
             # rounds as asked; on an accelerator each model also has ACCELERATOR_WARMUP_CALLS untimed calls at least
             'settings': {'warmup_rounds': args.warmup, 'timed_rounds': args.repeats,
-                         'images_per_round': args.images_per_round,
+                         'images_per_round': args.images_per_round, 'interleave': args.interleave,
                          'accelerator_warmup_calls': ACCELERATOR_WARMUP_CALLS},
             'rows': rows_as_dicts(rows),
         }
