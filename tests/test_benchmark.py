@@ -353,3 +353,19 @@ def test_decision_cost_benchmark_times_the_networks_against_their_own_decisions_
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match='torch sees no CUDA device'):
             script.main(['--device', 'cuda', '--json', str(out)])
+
+
+def test_interleave_benchmark_runs_the_whole_benchmark_each_way_alternately(tmp_path):
+    """benchmarks/interleave.py: the benchmark's row per run, designs alternating, and each design's median efficiency
+    over its own runs."""
+    script = load_benchmark_script('interleave')
+    out = tmp_path / 'interleave.json'
+    result = script.main(['--model', 'adavit_deit_tiny_patch16_224', '--batch-size', '1', '--threads', '1',
+                          '--images-per-round', '2', '--warmup', '0', '--rounds', '1', '--repeats', '2',
+                          '--json', str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert [r['interleave'] for r in result['runs']] == ['turn', 'input', 'turn', 'input']
+    assert len({r['mac_ratio'] for r in result['runs']}) == 1  # the same decisions every run
+    for design in ('turn', 'input'):
+        effs = sorted(r['efficiency'] for r in result['runs'] if r['interleave'] == design)
+        assert result['median_efficiency'][design] == pytest.approx((effs[0] + effs[1]) / 2)
