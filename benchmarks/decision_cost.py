@@ -64,6 +64,7 @@ def main(argv: List[str]) -> Dict[str, object]:
     dense = model.dense_twin().eval().to(device, dtype)
     height, width = model.patch_embed.img_size
     channels = model.patch_embed.proj.in_channels
+    dense_total = dense_macs(dense)
     generator = torch.Generator().manual_seed(0)
     rows = []
     for batch_size in (int(b) for b in args.batch_sizes.split(',')):
@@ -72,8 +73,9 @@ def main(argv: List[str]) -> Dict[str, object]:
                   for _ in range(count)]
         with torch.inference_mode():
             decisions = [model(x, return_decisions=True)[1] for x in inputs]
-        deciding_macs = torch.cat([decision_macs(model, d) for d in decisions]).mean().item()
-        given_macs = torch.cat([decision_macs(model, d, gates_ran=False) for d in decisions]).mean().item()
+        # given: the same decisions without the networks' MACs, which it does not run
+        mac_ratio = {kind: dense_total / torch.cat([decision_macs(model, d, ran) for d in decisions]).mean().item()
+                     for kind, ran in (('deciding', True), ('given', False))}
         runs = {'dense': timer(dense, inputs, False, device), 'deciding': timer(model, inputs, False, device),
                 'given': timer(lambda pair: model(pair[0], decisions=pair[1]), list(zip(inputs, decisions)), False,
                                device)}
@@ -81,14 +83,12 @@ def main(argv: List[str]) -> Dict[str, object]:
             times = interleaved_times(runs, count, warmup_rounds(args.warmup, count, device), args.repeats,
                                       args.interleave)
         ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
-        dense_total = dense_macs(dense)
         rows.append({
             'batch_size': batch_size, 'inputs': count, 'dense_ms': ms['dense'], 'deciding_ms': ms['deciding'],
             'given_ms': ms['given'], 'decision_ms': ms['deciding'] - ms['given'],
             'decision_share': (ms['deciding'] - ms['given']) / ms['deciding'],
-            'mac_ratio_deciding': dense_total / deciding_macs, 'mac_ratio_given': dense_total / given_macs,
-            'efficiency_deciding': ms['dense'] / ms['deciding'] / (dense_total / deciding_macs),
-            'efficiency_given': ms['dense'] / ms['given'] / (dense_total / given_macs),
+            **{f'mac_ratio_{kind}': ratio for kind, ratio in mac_ratio.items()},
+            **{f'efficiency_{kind}': ms['dense'] / ms[kind] / ratio for kind, ratio in mac_ratio.items()},
             # Round by round, paired: how far the difference moves on this machine's noise.
             'decision_ms_by_round': [(d - g) * 1e3 for d, g in zip(times['deciding'], times['given'])],
         })

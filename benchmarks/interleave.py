@@ -39,7 +39,7 @@ def main(argv: List[str]) -> Dict[str, object]:
     args = parse_args(argv)
     model = timm.create_model(args.model, policy='random', random_keep=[float(k) for k in args.keep.split(',')])
     runs = []
-    for repeat in range(args.repeats):
+    for _ in range(args.repeats):
         for interleave in INTERLEAVES:
             row, = measure_speed(model, [args.batch_size], args.threads, warmup=args.warmup, repeats=args.rounds,
                                  images_per_round=args.images_per_round, interleave=interleave)
