@@ -369,3 +369,74 @@ def test_interleave_benchmark_runs_the_whole_benchmark_each_way_alternately(tmp_
     for design in ('turn', 'input'):
         effs = sorted(r['efficiency'] for r in result['runs'] if r['interleave'] == design)
         assert result['median_efficiency'][design] == pytest.approx((effs[0] + effs[1]) / 2)
+
+
+def test_time_breakdown_counts_the_multiply_adds_flop_counter_sees_in_each_part():
+    """benchmarks/time_breakdown.py: its parts add up to FlopCounterMode's matmul and attention counts, on the sparse
+    executor (batch path and latency path) and on dense timm, whose linears it counts exactly."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    script = load_benchmark_script('time_breakdown')
+    model = AdaViT(img_size=32, patch_size=4, embed_dim=48, depth=3, num_heads=4, num_classes=5,
+                   policy='random', random_keep=(0.6, 0.6, 0.8)).eval()
+    dense = model.dense_twin().eval()
+    aten = torch.ops.aten
+    for batch_size in (1, 3):
+        x = torch.randn(batch_size, 3, 32, 32)
+        with torch.inference_mode():
+            model.reset_random_policy(0)
+            model(x)  # makes the executor's weight copies, which weight_parts maps
+            weights = script.weight_parts(model, dense)
+            for net in (model, dense):
+                timer, counter = script.PartTimer(weights), FlopCounterMode(display=False)
+                for mode in (timer, counter):  # FlopCounterMode counts no CPU flash attention: both by matmuls
+                    model.reset_random_policy(0)
+                    with mode, sdpa_kernel(SDPBackend.MATH):
+                        net(x)
+                flops = counter.get_flop_counts()['Global']
+                matmuls = sum(timer.macs[p] for p in ('qkv', 'proj', 'fc1', 'fc2', 'other matmuls'))
+                assert matmuls == (flops.get(aten.mm, 0) + flops.get(aten.addmm, 0)) // 2
+                attention = sum(v for k, v in flops.items() if k not in (aten.mm, aten.addmm, aten.convolution))
+                assert timer.macs['attention'] == attention // 2
+                assert timer.seconds['attention'] > 0 and timer.calls['norms'] > 0
+                assert set(timer.seconds) <= set(script.PARTS)
+        t, D = model.patch_embed.num_patches + 1, model.embed_dim
+        for part, width in (('qkv', 3 * D), ('proj', D), ('fc1', 4 * D), ('fc2', D)):
+            expected = batch_size * 3 * t * (4 * D if part == 'fc2' else D) * width
+            assert timer.macs[part] == expected, part  # the last timer ran dense timm
+        assert timer.macs['other matmuls'] == batch_size * D * 5  # the classifier head
+        assert timer.calls['gathers'] == 0
+    q, k, v = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 12, 8), torch.randn(2, 3, 12, 8)
+    timer = script.PartTimer({})
+    with timer:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)  # the CPU flash kernel
+    assert timer.macs == {'attention': 2 * 2 * 3 * 10 * 12 * 8}
+
+
+def test_time_breakdown_benchmark_splits_the_gap_into_parts(tmp_path):
+    """benchmarks/time_breakdown.py: per part, each model's time per forward; the parts add up to the wall time, and
+    the excess is what a part takes beyond its MAC-ratio share of the dense time."""
+    script = load_benchmark_script('time_breakdown')
+    out = tmp_path / 'breakdown.json'
+    result = script.main(['--model', 'adavit_deit_tiny_patch16_224', '--batch-size', '2', '--images-per-round', '2',
+                          '--warmup', '0', '--repeats', '1', '--threads', '1', '--json', str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = {r['part']: r for r in result['rows']}
+    assert list(rows) == list(script.PARTS)
+    for model in ('dense', 'sparse'):  # the parts add up to the mean wall time
+        assert sum(r[f'{model}_ms'] for r in rows.values()) == pytest.approx(result[f'{model}_ms_mean'])
+    assert sum(r['excess_ms'] for r in rows.values()) == \
+        pytest.approx(result['sparse_ms_mean'] - result['dense_ms_mean'] / result['mac_ratio'])
+    for r in rows.values():
+        if r['dense_gmacs']:
+            at_dense_rate = r['dense_ms'] * r['sparse_gmacs'] / r['dense_gmacs']
+            assert r['rate_loss_ms'] == pytest.approx(r['sparse_ms'] - at_dense_rate)
+        else:
+            assert r['rate_loss_ms'] is None
+    assert rows['patch embedding']['dense_calls'] == rows['patch embedding']['sparse_calls'] == 1
+    assert result['efficiency'] == pytest.approx(result['dense_ms'] / result['sparse_ms'] / result['mac_ratio'])
+    assert 1.5 < result['mac_ratio'] < 2.5  # keep 0.7/0.7/0.9 costs about half
+    assert rows['gathers']['dense_calls'] == 0 < rows['gathers']['sparse_calls']
+    for part in ('qkv', 'proj', 'fc1', 'fc2'):
+        assert 0 < rows[part]['sparse_gmacs'] < rows[part]['dense_gmacs']
+        assert rows[part]['dense_gmac_per_s'] == pytest.approx(rows[part]['dense_gmacs'] / rows[part]['dense_ms'] * 1e3)
