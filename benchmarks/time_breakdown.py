@@ -12,8 +12,9 @@ on a CPU ops run synchronously) and put in a part:
 * ``norms``, ``activation``, ``patch embedding``, and ``other ops``;
 * ``between ops``: the forward's wall time less its ops' time: Python, the planning in NumPy, the dispatcher. In each
   round a model runs its inputs without the mode, timed whole, and then again under it, op by op (after an untimed
-  call, as ``adavit benchmark`` takes turns); the parts add up to the mean wall time without the mode. On a busy
-  host it can come out negative: then the ops ran slower under the mode than the same forwards did just before it.
+  call, as ``adavit benchmark`` takes turns); the parts add up to the mean wall time without the mode. It comes out
+  negative where the ops ran slower under the mode than the same forwards did just before it (the host's drift, or
+  the mode's own work between ops): at large batches, where Python takes a few percent, it measures that, not Python.
 
 Per part it prints milliseconds per forward, GMACs and GMAC/s for both models, and the part's *excess*: its sparse time
 less its dense time over the MAC ratio. At an efficiency of 1 every part would take its MAC-ratio share of its dense
