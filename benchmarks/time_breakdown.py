@@ -39,8 +39,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import adavit  # noqa: F401 (registers the AdaViT models)
 from adavit.cli.benchmark import build_model
-from adavit.cost.benchmark import batches_per_round, machine_info, pin_allocator, timer
-from adavit.cost.macs import decision_macs, dense_macs
+from adavit.cost.benchmark import (balanced_orders, batches_per_round, machine_info, mean_adaptive_macs,
+                                   pin_allocator, timer)
+from adavit.cost.macs import dense_macs
 from adavit.files import write_json
 
 aten = torch.ops.aten
@@ -48,7 +49,7 @@ LINEARS = {'attn.qkv': 'qkv', 'attn.proj': 'proj', 'mlp.fc1': 'fc1', 'mlp.fc2': 
 PARTS = ('qkv', 'proj', 'fc1', 'fc2', 'other matmuls', 'attention', 'gathers', 'norms', 'activation',
          'patch embedding', 'other ops', 'between ops')
 _ATTENTION = {aten.bmm, aten.baddbmm, aten._softmax, aten.softmax, aten._scaled_dot_product_flash_attention_for_cpu,
-              aten.scaled_dot_product_attention, aten._scaled_dot_product_attention_math}
+              aten.scaled_dot_product_attention}
 _GATHERS = {aten.index_select, aten.index_copy_, aten.index_copy, aten.index_put_, aten.index_put}
 _NORMS = {aten.native_layer_norm, aten.layer_norm}
 _ACTIVATIONS = {aten.gelu, aten.gelu_}
@@ -155,19 +156,16 @@ def main(argv: List[str]) -> Dict[str, object]:
     reseed = model.policy == 'random'
     runs = {'dense': timer(dense, inputs, False, torch.device('cpu')),
             'sparse': timer(model, inputs, reseed, torch.device('cpu'))}
+    # Its sparse forwards also make the executor's weight copies, which ``weight_parts`` maps.
+    mac_ratio = dense_macs(dense) / mean_adaptive_macs(model, inputs, reseed)
+    names = list(runs)
+    orders = balanced_orders(len(names))
     with torch.inference_mode():
-        decisions = []
-        for i, x in enumerate(inputs):  # also makes the executor's weight copies, which ``weight_parts`` maps
-            if reseed:
-                model.reset_random_policy(i)
-            decisions.append(model(x, return_decisions=True)[1])
-        adaptive = torch.cat([decision_macs(model, d) for d in decisions]).mean().item()
-        mac_ratio = dense_macs(dense) / adaptive
         weights = weight_parts(model, dense)
         timers = {name: PartTimer(weights) for name in runs}
         walls: Dict[str, List[float]] = {name: [] for name in runs}  # seconds a round, without the mode
         for round_index in range(args.warmup + args.repeats):
-            for name in (list(runs) if round_index % 2 == 0 else list(runs)[::-1]):
+            for name in (names[j] for j in orders[round_index % len(orders)]):
                 runs[name](count - 1)  # untimed: the turn starts from this model's own state
                 seconds = sum(runs[name](i) for i in range(count))
                 if round_index < args.warmup:

@@ -251,6 +251,19 @@ def batches_per_round(batch_size: int, images_per_round: int, max_inputs: int = 
     return max(1, min(max_inputs, images_per_round // batch_size))
 
 
+def mean_adaptive_macs(model: AdaViT, inputs: List[torch.Tensor], reseed: bool) -> float:
+    """The mean MACs per image of ``inputs`` under the decisions ``model`` takes on them, as ``timer`` runs it: with
+    ``reseed``, ``model.reset_random_policy(i)`` before input ``i``."""
+    adaptive = []
+    for i, x in enumerate(inputs):
+        if reseed:
+            model.reset_random_policy(i)
+        with torch.inference_mode():
+            _, decisions = model(x, return_decisions=True)
+        adaptive.append(decision_macs(model, decisions))
+    return torch.cat(adaptive).mean().item()
+
+
 @torch.no_grad()
 def measure_speed(
         model: AdaViT,
@@ -311,14 +324,7 @@ def measure_speed(
         else:
             inputs = [torch.randn(batch_size, in_chans, height, width, generator=generator).to(dev, cast)
                       for _ in range(count)]
-        adaptive = []
-        for i, x in enumerate(inputs):
-            if reseed:
-                model.reset_random_policy(i)
-            with torch.inference_mode():
-                _, decisions = model(x, return_decisions=True)
-            adaptive.append(decision_macs(model, decisions))
-        adaptive_macs = torch.cat(adaptive).mean().item()
+        adaptive_macs = mean_adaptive_macs(model, inputs, reseed)
         runs: Dict[str, Callable[[int], float]] = {
             path: timer(_AttentionPathView(dense, fused), inputs, False, dev)
             for path, fused in (('fused', True), ('matmul', False))}
