@@ -440,3 +440,33 @@ def test_time_breakdown_benchmark_splits_the_gap_into_parts(tmp_path):
     for part in ('qkv', 'proj', 'fc1', 'fc2'):
         assert 0 < rows[part]['sparse_gmacs'] < rows[part]['dense_gmacs']
         assert rows[part]['dense_gmac_per_s'] == pytest.approx(rows[part]['dense_gmacs'] / rows[part]['dense_ms'] * 1e3)
+
+
+def test_device_agreement_compares_both_executors_case_by_case(tmp_path, monkeypatch):
+    """benchmarks/device_agreement.py, here on the CPU: every head mode, patch policy, batch size and edge case, the
+    decision networks' own decisions and DeiT-S, each with the same decisions in both executors and fp32 logits within
+    the tests' tolerance; a case over the tolerance fails the run; bf16 is reported, not judged."""
+    script = load_benchmark_script('device_agreement')
+    out = tmp_path / 'agreement.json'
+    result = script.main(['--batch-sizes', '1,5', '--deit-batch', '2', '--json', str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = result['rows']
+    cases = {(r['case'], r['decisions'], r['batch_size']) for r in rows}
+    assert len(rows) == len(cases) == 4 * 2 * (len(script.EDGES) + 1) + 1
+    assert {r['decisions'] for r in rows} == {'random', 'mixed', 'all_skipped', 'no_patch', 'no_head', 'gates',
+                                              'random 0.7/0.7/0.9'}
+    assert result['failed'] == 0 and result['tolerance'] == script.FP32_TOLERANCE == 1e-4
+    assert all(r['same_decisions'] and r['top1_agree'] == 1.0 and r['max_abs'] <= 1e-4 for r in rows)
+    # with every sub-block skipped both executors run only the embedding, the final norm and the head: bit for bit
+    assert all(r['max_abs'] == 0.0 for r in rows if r['decisions'] == 'all_skipped')
+    assert any(r['max_abs'] > 0.0 for r in rows) and all(r['relative'] >= 0.0 for r in rows)
+
+    monkeypatch.setattr(script, 'FP32_TOLERANCE', 0.0)  # any difference at all now fails its case
+    strict = script.main(['--batch-sizes', '5', '--deit-batch', '0', '--json', str(out)])
+    assert strict['failed'] == sum(r['max_abs'] > 0.0 for r in strict['rows']) > 0
+
+    bf16 = script.main(['--batch-sizes', '5', '--deit-batch', '0', '--dtype', 'bf16', '--json', str(out)])
+    assert bf16['failed'] == 0 and bf16['tolerance'] is None and len(bf16['rows']) == 4 * (len(script.EDGES) + 1)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match='torch sees no CUDA device'):
+            script.main(['--device', 'cuda', '--json', str(out)])
