@@ -36,21 +36,20 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under its time limit, its 
     local name=$1 limit=$2
     shift 2
     echo "== $name (at most ${limit}s)"
+    local start=$SECONDS
     timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
     local status=${PIPESTATUS[0]}
-    if [ "$status" -ne 0 ]; then
-        echo "== $name: exit $status$([ "$status" -eq 124 ] && echo ', over its time limit')"
-        failed=1
-    fi
+    echo "== $name: exit $status after $((SECONDS - start))s$([ "$status" -eq 124 ] && echo ', over its time limit')"
+    [ "$status" -eq 0 ] || failed=1
 }
 
-step agreement_fp32 60 python3 benchmarks/device_agreement.py --device "$device" --json "$out/agreement_fp32.json"
+step agreement_fp32 45 python3 benchmarks/device_agreement.py --device "$device" --json "$out/agreement_fp32.json"
 if [ "$dtype" != fp32 ]; then
-    step "agreement_$dtype" 60 python3 benchmarks/device_agreement.py --device "$device" --dtype "$dtype" \
+    step "agreement_$dtype" 45 python3 benchmarks/device_agreement.py --device "$device" --dtype "$dtype" \
         --json "$out/agreement_$dtype.json"
 fi
 for policy in random gates keep-all; do
-    step "benchmark_$policy" 120 python3 -m adavit benchmark --device "$device" --dtype "$dtype" --policy "$policy" \
+    step "benchmark_$policy" 90 python3 -m adavit benchmark --device "$device" --dtype "$dtype" --policy "$policy" \
         --batch-sizes "$batches" --json "$out/benchmark_$policy.json"
 done
 step op_host_cost 45 python3 benchmarks/op_host_cost.py --device "$device" --dtype "$dtype" --json "$out/op_host_cost.json"
