@@ -26,7 +26,7 @@ import torch
 import adavit  # noqa: F401 (registers the AdaViT models)
 from adavit.cli.benchmark import build_model
 from adavit.cost.benchmark import (DTYPES, INTERLEAVES, batches_per_round, interleaved_times, machine_info,
-                                   pin_allocator, timer, warmup_rounds)
+                                   missing_device, pin_allocator, timer, warmup_rounds)
 from adavit.cost.macs import decision_macs, dense_macs
 from adavit.files import write_json
 
@@ -53,9 +53,9 @@ def main(argv: List[str]) -> Dict[str, object]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit('--device cuda asked for, but torch sees no CUDA device: run on a GPU machine, or without '
-                         '--device')
+    problem = missing_device(args.device)
+    if problem:
+        raise SystemExit(problem)
     allocator = pin_allocator() if device.type == 'cpu' else 'default'
     keep = [float(k) for k in args.keep.split(',')]
     # The thresholds are set in fp32 on the CPU, as `adavit benchmark --policy gates` sets them.

@@ -25,7 +25,7 @@ import torch
 
 import adavit  # noqa: F401 (registers the AdaViT models)
 from adavit import AdaViT, Decisions
-from adavit.cost.benchmark import DTYPES, machine_info
+from adavit.cost.benchmark import DTYPES, machine_info, missing_device
 from adavit.files import write_json
 
 SMALL = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=10)
@@ -136,9 +136,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 def main(argv: List[str]) -> Dict[str, object]:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit('--device cuda asked for, but torch sees no CUDA device: run on a GPU machine, or without '
-                         '--device')
+    problem = missing_device(args.device)
+    if problem:
+        raise SystemExit(problem)
     if device.type == 'cuda':  # fp32 means fp32: no TF32 in either executor's matmuls
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False

@@ -16,7 +16,8 @@ from adavit.cli.benchmark import build_model, validation_images
 from adavit.cli.main import main
 from adavit.cost import benchmark as speed
 from adavit.cost.benchmark import (ACCELERATOR_WARMUP_CALLS, balanced_orders, cpu_name, format_rows,
-                                   interleaved_medians, interleaved_times, measure_speed, pin_allocator, warmup_rounds)
+                                   interleaved_medians, interleaved_times, measure_speed, missing_device,
+                                   pin_allocator, warmup_rounds)
 from adavit.cost.macs import decision_macs, dense_macs
 from adavit.gates.budget import eval_keep_rates
 from adavit.training.checkpoint import load_model
@@ -470,3 +471,15 @@ def test_device_agreement_compares_both_executors_case_by_case(tmp_path, monkeyp
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match='torch sees no CUDA device'):
             script.main(['--device', 'cuda', '--json', str(out)])
+
+
+def test_missing_device_names_cuda_asked_for_without_one(monkeypatch, capsys):
+    """One check, one message, for `adavit benchmark` and the scripts: CUDA without a CUDA device, and nothing else."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    expected = '--device cuda asked for, but torch sees no CUDA device: run on a GPU machine, or without --device'
+    assert missing_device('cuda') == missing_device('cuda:1') == expected
+    assert missing_device('cpu') is None
+    assert main(['benchmark', '--device', 'cuda']) == 2
+    assert capsys.readouterr().err.strip().endswith(expected)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    assert missing_device('cuda') is None

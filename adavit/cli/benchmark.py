@@ -6,7 +6,7 @@ import timm
 import torch
 
 from ..cost.benchmark import (ACCELERATOR_WARMUP_CALLS, INTERLEAVES, batches_per_round, format_rows, machine_info,
-                              measure_speed, rows_as_dicts)
+                              measure_speed, missing_device, rows_as_dicts)
 from ..errors import ConfigError
 from ..files import write_json
 from ..gates.budget import calibrate_thresholds
@@ -110,8 +110,9 @@ def validation_images(model: AdaViT, args: argparse.Namespace, count: int) -> Op
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        raise ConfigError('--device cuda asked for, but torch sees no CUDA device')
+    problem = missing_device(args.device)
+    if problem:
+        raise ConfigError(problem)
     model = build_model(args)
     keep = None if args.checkpoint else _keep_rates(args)
     decisions = 'learned' if args.checkpoint else args.policy

@@ -131,6 +131,13 @@ def machine_info(device: str = 'cpu') -> Dict[str, Any]:
             'cuda': torch.cuda.get_device_name(device) if device.startswith('cuda') else None}
 
 
+def missing_device(device: str) -> Optional[str]:
+    """Why ``device`` (as ``--device`` names it) cannot run here, in one line, or None: CUDA asked for, none seen."""
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        return '--device cuda asked for, but torch sees no CUDA device: run on a GPU machine, or without --device'
+    return None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
