@@ -28,8 +28,10 @@ if ! python3 -c 'import adavit' 2>"$out/import.log"; then
     echo "adavit does not import here ($(tail -n 1 "$out/import.log")): carry wheels of what is missing in .devrun/whl"
     exit 2
 fi
-{ nvidia-smi 2>/dev/null || true; python3 -c 'import sys, torch, timm; print(sys.version.split()[0], torch.__version__, timm.__version__)'; } \
-    >"$out/machine.txt"
+{
+    nvidia-smi 2>/dev/null || true
+    python3 -c 'import sys, torch, timm; print(sys.version.split()[0], torch.__version__, timm.__version__)'
+} >"$out/machine.txt"
 
 failed=0
 step() {  # step NAME SECONDS COMMAND...: run COMMAND under its time limit, its output to the screen and NAME.log
@@ -49,8 +51,9 @@ if [ "$dtype" != fp32 ]; then
         --json "$out/agreement_$dtype.json"
 fi
 for policy in random gates keep-all; do
-    step "benchmark_$policy" 90 python3 -m adavit benchmark --device "$device" --dtype "$dtype" --policy "$policy" \
-        --batch-sizes "$batches" --json "$out/benchmark_$policy.json"
+    step "benchmark_$policy" 90 python3 -m adavit benchmark --device "$device" --dtype "$dtype" \
+        --policy "$policy" --batch-sizes "$batches" --json "$out/benchmark_$policy.json"
 done
-step op_host_cost 45 python3 benchmarks/op_host_cost.py --device "$device" --dtype "$dtype" --json "$out/op_host_cost.json"
+step op_host_cost 45 python3 benchmarks/op_host_cost.py --device "$device" --dtype "$dtype" \
+    --json "$out/op_host_cost.json"
 exit $failed
