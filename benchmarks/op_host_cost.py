@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adavit.cost.benchmark import DTYPES, machine_info
+from adavit.cost.benchmark import DTYPES, machine_info, missing_device
 from adavit.files import write_json
 
 
@@ -50,6 +50,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 
 def main(argv: List[str]) -> Dict[str, object]:
     args = parse_args(argv)
+    problem = missing_device(args.device)
+    if problem:
+        raise SystemExit(problem)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
     rng = np.random.default_rng(0)

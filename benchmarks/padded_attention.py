@@ -22,7 +22,7 @@ import torch
 from torch.nn.attention import SDPBackend
 
 import adavit  # noqa: F401 (registers the AdaViT models)
-from adavit.cost.benchmark import DTYPES, ExecutorView, interleaved_medians, machine_info, timer
+from adavit.cost.benchmark import DTYPES, ExecutorView, interleaved_medians, machine_info, missing_device, timer
 from adavit.execution import sparse, sparse_accelerator
 from adavit.files import write_json
 
@@ -77,6 +77,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 
 def main(argv: List[str]) -> Dict[str, object]:
     args = parse_args(argv)
+    problem = missing_device(args.device)
+    if problem:
+        raise SystemExit(problem)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     model = timm.create_model(args.model, policy='random', random_keep=[float(k) for k in args.keep.split(',')])
     model = model.eval().to(device, dtype)

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 
 import pytest
 import timm
@@ -476,10 +477,13 @@ def test_device_agreement_compares_both_executors_case_by_case(tmp_path, monkeyp
 def test_missing_device_names_cuda_asked_for_without_one(monkeypatch, capsys):
     """One check, one message, for `adavit benchmark` and the scripts: CUDA without a CUDA device, and nothing else."""
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    expected = '--device cuda asked for, but torch sees no CUDA device: run on a GPU machine, or without --device'
+    expected = '--device cuda asked for, but torch sees no CUDA device: run on a GPU machine, or with --device cpu'
     assert missing_device('cuda') == missing_device('cuda:1') == expected
     assert missing_device('cpu') is None
     assert main(['benchmark', '--device', 'cuda']) == 2
     assert capsys.readouterr().err.strip().endswith(expected)
+    for name in ('op_host_cost', 'padded_attention'):  # GPU scripts whose --device defaults to cuda
+        with pytest.raises(SystemExit, match=re.escape(expected)):
+            load_benchmark_script(name).main([])
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     assert missing_device('cuda') is None

@@ -134,7 +134,7 @@ def machine_info(device: str = 'cpu') -> Dict[str, Any]:
 def missing_device(device: str) -> Optional[str]:
     """Why ``device`` (as ``--device`` names it) cannot run here, in one line, or None: CUDA asked for, none seen."""
     if device.startswith('cuda') and not torch.cuda.is_available():
-        return '--device cuda asked for, but torch sees no CUDA device: run on a GPU machine, or without --device'
+        return '--device cuda asked for, but torch sees no CUDA device: run on a GPU machine, or with --device cpu'
     return None
 
 
