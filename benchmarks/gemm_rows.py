@@ -3,7 +3,7 @@
 The batch plan (``adavit.execution.sparse``) runs each linear of a block once per head group: the images that keep the
 same heads, about 140-280 rows each at DeiT-S batch 64 under the random policy, where the dense model runs one matmul
 over all 12,608 rows. This times a DeiT-S linear restricted to ``--heads`` kept heads (qkv's output columns, proj's and
-fc1's input channels), as the executor calls it (``_linear_into``: ``addmm`` into a preallocated output), at each row
+fc1's input channels), as the executor calls it (``linear_into``: ``addmm`` into a preallocated output), at each row
 count, hot in cache: each row count is one contender, and they take turns in changing order after a warm-up
 (``interleaved_medians``). Prints GMAC/s per row count and writes JSON.
 
@@ -19,7 +19,7 @@ from typing import Callable, Dict, List
 import torch
 
 from adavit.cost.benchmark import interleaved_medians, machine_info, pin_allocator
-from adavit.execution.sparse import _linear_into
+from adavit.execution.kernels import linear_into
 from adavit.files import write_json
 
 
@@ -38,7 +38,7 @@ def _matmul_run(rows: int, in_features: int, out_features: int, calls: int) -> C
     def run(_: int) -> float:
         start = time.perf_counter()
         for _ in range(calls):
-            _linear_into(out, x, weight_t, bias)
+            linear_into(out, x, weight_t, bias)
         return (time.perf_counter() - start) / calls
     return run
 

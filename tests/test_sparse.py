@@ -11,8 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import adavit
 from adavit import AdaViT, Decisions
 from adavit.cost.macs import decision_macs, dense_macs, macs
-from adavit.execution import sparse
-from adavit.execution.sparse import attention_buckets, head_runs, pack_sub_blocks, pack_tokens
+from adavit.execution import kernels, latency, planning, sparse
+from adavit.execution.planning import attention_buckets, head_runs, pack_sub_blocks, pack_tokens
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=4, num_classes=7)
 NUM_TOKENS = 65  # 8 x 8 patches + class token
@@ -133,7 +133,7 @@ def test_sparse_matches_masked_when_the_ffn_runs_in_row_chunks(monkeypatch, chun
         assert torch.allclose(masked, out, atol=1e-4, rtol=0)
         if init_values is not None:
             rows = int((decisions.patch[:, 0] * decisions.block[:, 0, 1:]).sum())  # the FFN rows of block 0
-            _, ffn = sparse._plan_batch(decisions.patch[:, 0], decisions.head[:, 0], decisions.block[:, 0],
+            _, ffn = planning.plan_batch(decisions.patch[:, 0], decisions.head[:, 0], decisions.block[:, 0],
                                         decisions.patch.shape[2], 9, head_mode)
             spans = sparse._row_spans(ffn.groups)  # chunks restart where the MSA-only images' rows leave a gap
             assert sum(end - start for start, end in spans) == rows
@@ -167,8 +167,8 @@ def test_sparse_matches_masked_for_any_attention_bucketing(monkeypatch, split_ma
     """One bucket per token count, the CPU default, and one padded bucket give the masked reference's logits, with
     scaled_dot_product_attention (math_up_to=0) and the matmul attention, whole or a few images at a time."""
     monkeypatch.setitem(sparse.SPLIT_COST_MACS, 'cpu', split_macs)
-    monkeypatch.setattr(sparse, 'MATH_ATTENTION_UP_TO', math_up_to)
-    monkeypatch.setattr(sparse, 'MATH_ATTENTION_CHUNK', chunk)
+    monkeypatch.setattr(kernels, 'MATH_ATTENTION_UP_TO', math_up_to)
+    monkeypatch.setattr(kernels, 'MATH_ATTENTION_CHUNK', chunk)
     model = AdaViT(qk_norm=True, **TINY).eval()  # qk_norm: the optional q/k norms are applied on the packed rows
     decisions = _random_decisions(32, seed=5, edge='mixed')
     (masked, _), (out, _) = _both(model, torch.randn(32, 3, 32, 32), decisions)
@@ -178,7 +178,7 @@ def test_sparse_matches_masked_for_any_attention_bucketing(monkeypatch, split_ma
 def test_attention_algorithm_by_sequence_length_and_path(monkeypatch):
     """Defaults: the batch path attends by matmuls up to MATH_ATTENTION_UP_TO keys, a single image by the flash kernel
     above SINGLE_IMAGE_MATH_ATTENTION_UP_TO; the outputs agree either way."""
-    assert sparse.SINGLE_IMAGE_MATH_ATTENTION_UP_TO < NUM_TOKENS <= sparse.MATH_ATTENTION_UP_TO
+    assert latency.SINGLE_IMAGE_MATH_ATTENTION_UP_TO < NUM_TOKENS <= kernels.MATH_ATTENTION_UP_TO
     flash_calls = []
     flash = torch.nn.functional.scaled_dot_product_attention
 
@@ -186,7 +186,7 @@ def test_attention_algorithm_by_sequence_length_and_path(monkeypatch):
         flash_calls.append(1)
         return flash(*args, **kwargs)
 
-    monkeypatch.setattr(sparse.F, 'scaled_dot_product_attention', counted)
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention', counted)
     model = AdaViT(**TINY).eval()
     decisions = _random_decisions(2, seed=3)
     decisions.patch.fill_(1.0)  # every token: 65 keys in each image's attention
@@ -211,8 +211,8 @@ def test_matmul_attention_matches_softmax_reference_short_rows_included(length):
     bias = torch.zeros(6, 1, length)
     bias[::2, :, length // 2 + 1:] = float('-inf')  # some problems padded past half their keys
     expected = torch.softmax(q @ k.transpose(1, 2) * 0.3 + bias, -1) @ v
-    assert torch.allclose(sparse._attention(q, k, v, bias, 0.3), expected, atol=1e-6, rtol=0)
-    assert torch.allclose(sparse._attention(q, k, v, None, 0.3), torch.softmax(q @ k.transpose(1, 2) * 0.3, -1) @ v,
+    assert torch.allclose(kernels.attention(q, k, v, bias, 0.3), expected, atol=1e-6, rtol=0)
+    assert torch.allclose(kernels.attention(q, k, v, None, 0.3), torch.softmax(q @ k.transpose(1, 2) * 0.3, -1) @ v,
                           atol=1e-6, rtol=0)
 
 
@@ -223,7 +223,7 @@ def test_copy_rows_is_index_copy(dtype, width):
     rows = torch.tensor([7, 0, 19, 3])
     values = torch.randn(4, width).to(dtype)
     expected = x.clone().index_copy_(0, rows, values)
-    sparse._copy_rows(x, rows, values)
+    kernels.copy_rows(x, rows, values)
     assert torch.equal(x, expected)
 
 
@@ -367,20 +367,20 @@ def test_pack_sub_blocks_matches_a_plain_loop_on_random_masks(seed):
 def test_host_masks_threshold_at_one_half(dtype):
     """fp32/fp64 are read in place by NumPy; other dtypes take the one-copy path a GPU takes."""
     patch, block = torch.tensor([[0.0, 1.0, 0.5], [1.0, 0.0, 1.0]]).to(dtype), torch.tensor([[1.0, 0.0]]).to(dtype)
-    tokens, heads, blocks = sparse._host_masks(patch, None, block)
+    tokens, heads, blocks = planning._host_masks(patch, None, block)
     assert tokens.tolist() == [[False, True, False], [True, False, True]] and heads is None
     assert blocks.tolist() == [[True, False]]
-    assert sparse._host_masks(None, None) == [None, None]
+    assert planning._host_masks(None, None) == [None, None]
 
 
 def test_batch_masks_are_none_where_the_decisions_keep_everything():
     patch = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     heads = torch.ones(2, 3, dtype=torch.bool)
     block = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    tokens, kept_heads, run_msa, run_ffn = sparse.batch_masks(patch, heads, block)
+    tokens, kept_heads, run_msa, run_ffn = planning.batch_masks(patch, heads, block)
     assert tokens.tolist() == [[True, True], [True, False]] and kept_heads is None
     assert run_msa is None and run_ffn.tolist() == [False, True]
-    assert sparse.batch_masks(torch.ones(2, 2), None, None) == (None, None, None, None)
+    assert planning.batch_masks(torch.ones(2, 2), None, None) == (None, None, None, None)
 
 
 def test_sparse_under_inference_mode_and_its_weight_copies_after_it():
@@ -516,18 +516,18 @@ def test_single_image_path_serves_plain_blocks_at_batch_one(monkeypatch):
     autocast run the batch path."""
     block = AdaViT(**TINY).eval().blocks[0]
     one, two = torch.randn(1, NUM_TOKENS, 48), torch.randn(2, NUM_TOKENS, 48)
-    assert sparse._latency_plan(block, one, 'full')
-    assert not sparse._latency_plan(block, two, 'full')
-    assert not sparse._latency_plan(block, one, 'partial')
-    assert not sparse._latency_plan(AdaViT(init_values=0.5, **TINY).blocks[0], one, 'full')
-    assert not sparse._latency_plan(AdaViT(qk_norm=True, **TINY).blocks[0], one, 'full')
+    assert latency.latency_plan(block, one, 'full')
+    assert not latency.latency_plan(block, two, 'full')
+    assert not latency.latency_plan(block, one, 'partial')
+    assert not latency.latency_plan(AdaViT(init_values=0.5, **TINY).blocks[0], one, 'full')
+    assert not latency.latency_plan(AdaViT(qk_norm=True, **TINY).blocks[0], one, 'full')
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert not sparse._latency_plan(block, one, 'full')
+        assert not latency.latency_plan(block, one, 'full')
 
     model = AdaViT(**TINY).eval()
     calls = []
-    latency_path = sparse._single_image_block_forward
-    monkeypatch.setattr(sparse, '_single_image_block_forward', lambda *args: calls.append(1) or latency_path(*args))
+    latency_path = sparse.single_image_block_forward
+    monkeypatch.setattr(sparse, 'single_image_block_forward', lambda *args: calls.append(1) or latency_path(*args))
     _both(model, torch.randn(1, 3, 32, 32), _random_decisions(1, seed=3))
     assert len(calls) == TINY['depth']
 
@@ -537,8 +537,8 @@ def test_single_image_path_serves_plain_blocks_at_batch_one(monkeypatch):
 def test_single_image_path_equals_the_batch_path(monkeypatch, edge, math_up_to):
     """The latency path computes what the batch path computes for one image, op for op: the same outputs, bit for bit,
     with attention by matmuls (short sequences) or by the flash kernel, where both paths switch at the same length."""
-    monkeypatch.setattr(sparse, 'MATH_ATTENTION_UP_TO', math_up_to)
-    monkeypatch.setattr(sparse, 'SINGLE_IMAGE_MATH_ATTENTION_UP_TO', math_up_to)
+    monkeypatch.setattr(kernels, 'MATH_ATTENTION_UP_TO', math_up_to)
+    monkeypatch.setattr(latency, 'SINGLE_IMAGE_MATH_ATTENTION_UP_TO', math_up_to)
     model = AdaViT(**TINY).eval()
     x = torch.randn(1, 3, 32, 32)
     decisions = _random_decisions(1, seed=5, edge='' if edge == 'all_tokens' else edge)
@@ -546,10 +546,10 @@ def test_single_image_path_equals_the_batch_path(monkeypatch, edge, math_up_to):
         decisions.patch.fill_(1.0)
         decisions.head[0, :, 0] = 0.0
     with torch.no_grad():
-        latency = model(x, decisions=decisions)
-        monkeypatch.setattr(sparse, '_latency_plan', lambda *args: None)
+        single = model(x, decisions=decisions)
+        monkeypatch.setattr(sparse, 'latency_plan', lambda *args: None)
         batch = model(x, decisions=decisions)
-    assert torch.equal(latency, batch)
+    assert torch.equal(single, batch)
 
 
 def test_single_image_path_follows_new_weights():
@@ -588,13 +588,13 @@ def test_single_image_path_follows_replaced_modules_and_norm_attributes():
                lambda: setattr(model.blocks[1].mlp, 'act', torch.nn.ReLU()),
                lambda: setattr(model.blocks[3], 'ls1', LayerScale(48, init_values=0.5))]
     _, before = features()  # makes the plans
-    assert isinstance(sparse._latency_plan(model.blocks[3], probe, 'full'), tuple)
+    assert isinstance(latency.latency_plan(model.blocks[3], probe, 'full'), tuple)
     for change in changes:
         change()
         masked, after = features()
         assert torch.allclose(masked, after, atol=1e-4, rtol=0) and not torch.equal(before, after)
         before = after
-    assert sparse._latency_plan(model.blocks[3], probe, 'full') is None
+    assert latency.latency_plan(model.blocks[3], probe, 'full') is None
 
 
 def test_model_with_latency_plans_pickles():
@@ -623,12 +623,12 @@ def test_single_image_decisions_read_in_place_as_through_one_copy(dtype):
     heads = torch.tensor([[1.0, 0.0, 1.0]]).to(dtype)
     block = torch.tensor([[0.0, 1.0]]).to(dtype)
     for on_host in (True, False):
-        run_msa, run_ffn, runs, rows = sparse._single_image_decisions(patch, heads, block, on_host=on_host)
+        run_msa, run_ffn, runs, rows = latency._single_image_decisions(patch, heads, block, on_host=on_host)
         assert (run_msa, run_ffn, runs, rows.tolist()) == (False, True, ((0, 1), (2, 3)), [0, 2, 3])
         assert type(run_msa) is bool and type(run_ffn) is bool
-        no_head = sparse._single_image_decisions(patch, torch.zeros(1, 3).to(dtype), None, on_host=on_host)
+        no_head = latency._single_image_decisions(patch, torch.zeros(1, 3).to(dtype), None, on_host=on_host)
         assert no_head[:3] == (True, True, ())
-        everything = sparse._single_image_decisions(torch.ones(1, 4).to(dtype), torch.ones(1, 3).to(dtype), None,
+        everything = latency._single_image_decisions(torch.ones(1, 4).to(dtype), torch.ones(1, 3).to(dtype), None,
                                                     on_host=on_host)
         assert everything == (True, True, None, None)
 

@@ -9,7 +9,7 @@ import timm
 import torch
 
 from adavit import AdaViT, Decisions
-from adavit.execution import sparse, sparse_accelerator
+from adavit.execution import planning, sparse, sparse_accelerator
 from adavit.execution.sparse_accelerator import PAD_TO, _attention_plan, _kept_rows, _packed_attention_plan, _sub_block
 
 from test_sparse import NUM_TOKENS, TINY, _both, _random_decisions
@@ -19,7 +19,7 @@ from test_sparse import NUM_TOKENS, TINY, _both, _random_decisions
 def accelerator_plan(monkeypatch):
     """Every device runs the accelerator plan, the CPU too, and at batch 1 too (not the latency path)."""
     monkeypatch.setattr(sparse, 'HEAD_GROUPED_DEVICES', set())
-    monkeypatch.setattr(sparse, '_latency_plan', lambda *args: None)
+    monkeypatch.setattr(sparse, 'latency_plan', lambda *args: None)
 
 
 @pytest.mark.parametrize('head_mode,patch_policy', list(itertools.product(['full', 'partial'], ['token', 'cls'])))
@@ -135,8 +135,8 @@ def test_batch_one_takes_the_latency_path_on_accelerators_too(monkeypatch):
     """A plain block at batch 1 runs the latency path whatever the device; larger batches the accelerator plan."""
     monkeypatch.setattr(sparse, 'HEAD_GROUPED_DEVICES', set())
     calls = []
-    latency = sparse._single_image_block_forward
-    monkeypatch.setattr(sparse, '_single_image_block_forward', lambda *args: calls.append('latency') or latency(*args))
+    latency = sparse.single_image_block_forward
+    monkeypatch.setattr(sparse, 'single_image_block_forward', lambda *args: calls.append('latency') or latency(*args))
     plan = sparse_accelerator.accelerator_block_forward
     monkeypatch.setattr(sparse_accelerator, 'accelerator_block_forward',
                         lambda *args: calls.append('accelerator') or plan(*args))
@@ -151,11 +151,11 @@ def test_batch_one_takes_the_latency_path_on_accelerators_too(monkeypatch):
 
 def test_index_tensor_concatenates_and_shares_on_the_cpu():
     rows = np.array([3, 1, 4], dtype=np.int64)
-    one = sparse.index_tensor([rows], torch.device('cpu'))
+    one = planning.index_tensor([rows], torch.device('cpu'))
     assert one.tolist() == [3, 1, 4] and one.dtype == torch.int64 and one.data_ptr() == rows.ctypes.data
-    both = sparse.index_tensor([rows, np.array([5, 9], dtype=np.int64)], torch.device('cpu'))
+    both = planning.index_tensor([rows, np.array([5, 9], dtype=np.int64)], torch.device('cpu'))
     assert both.tolist() == [3, 1, 4, 5, 9]
-    assert sparse.index_tensor([], torch.device('cpu')) is None
+    assert planning.index_tensor([], torch.device('cpu')) is None
 
 
 def _reference_packed_attention(q, k, v, bounds, length, scale):

@@ -3,8 +3,8 @@
 A GPU kernel launch costs the host about 10 us, more than most of the small GEMMs that grouping images by head pattern
 makes (``sparse.py``, the CPU plan): at DeiT-S batch 256 that plan launched 4,852 kernels per forward and ran 22 times
 slower than the dense model (H200, bf16). Here a block launches about twenty kernels, whatever the batch (261 per
-forward at batch 256, keep 0.7/0.7/0.9). A single image takes the latency path (``sparse.py``) instead, on every device:
-it has fewer launches still.
+forward at batch 256, keep 0.7/0.7/0.9). A single image takes the latency path (``latency.py``) instead, on every
+device: it has fewer launches still.
 
 * a sub-block gathers the kept tokens of the images that run it into one (T, D) matrix, runs each of timm's layers on
   it as one kernel, adds its output to those residual rows and writes them back (once for both sub-blocks when the
@@ -39,7 +39,8 @@ try:  # flash attention over packed sequences of different lengths (PyTorch 2.9 
 except ImportError:
     varlen_attn = None
 
-from .sparse import _activate, _compute_dtype, _copy_rows, _head_major_qkv, batch_masks, index_tensor, normed_rows
+from .kernels import activate, compute_dtype, copy_rows, head_major_qkv, normed_rows
+from .planning import batch_masks, index_tensor
 
 
 @dataclass
@@ -155,7 +156,7 @@ def _runs_packed_attention(block: Block, x: torch.Tensor) -> bool:
     flash kernel is enabled (``torch.backends.cuda.flash_sdp_enabled``) and takes the GPU, dtype and head size.
     Elsewhere (the CPU, fp32, GPUs before Ampere) attention runs padded (``AttentionPlan``)."""
     head_dim = block.attn.head_dim
-    return (varlen_attn is not None and x.device.type == 'cuda' and _compute_dtype(x) in (torch.float16, torch.bfloat16)
+    return (varlen_attn is not None and x.device.type == 'cuda' and compute_dtype(x) in (torch.float16, torch.bfloat16)
             and head_dim % 8 == 0 and head_dim <= 256 and torch.backends.cuda.flash_sdp_enabled()
             and _flash_kernel_runs_on(x.device.index))
 
@@ -175,7 +176,7 @@ def accelerator_block_forward(
         block_keep: Optional[torch.Tensor],
         head_mode: str = 'full',
 ) -> torch.Tensor:
-    """One timm ``Block`` under AdaViT decisions, in a few launches (``sparse_block_forward``'s arguments).
+    """One timm ``Block`` under AdaViT decisions, in a few launches (``sparse.sparse_block_forward``'s arguments).
 
     Decisions may lie on the host or on ``x``'s device. Updates ``x`` (B, N, D) in place and returns it.
     """
@@ -203,7 +204,7 @@ def accelerator_block_forward(
     heads_at = _append(pieces, heads) if masks_heads else None
     index = index_tensor(pieces, x.device)
     # In the stream's compute dtype: a product with int64 ran in a kernel that converts, 1.6x as slow (H200).
-    kept_heads = None if heads_at is None else index[heads_at].view(B, H).to(_compute_dtype(x))
+    kept_heads = None if heads_at is None else index[heads_at].view(B, H).to(compute_dtype(x))
 
     flat = x.view(B * N, D)
     residual = rows = None
@@ -214,7 +215,7 @@ def accelerator_block_forward(
         out = _msa(block, normed, msa, attention, index, head_mode, kept_heads, rows, N)
         residual += _cast(_apply(block.ls1, out), residual.dtype)
         if rows is not None and not shared:  # shared rows are written back after the FFN
-            _copy_rows(flat, rows, residual)
+            copy_rows(flat, rows, residual)
     if ffn is not None:
         if not shared:
             rows = None if ffn.rows is None else index[ffn.rows]
@@ -224,7 +225,7 @@ def accelerator_block_forward(
             h = (h.view(-1, H, D // H) * _head_rows(kept_heads, rows, N)).view(-1, D)
         residual += _cast(_apply(block.ls2, _mlp(block.mlp, h)), residual.dtype)
         if rows is not None:
-            _copy_rows(flat, rows, residual)
+            copy_rows(flat, rows, residual)
     return x
 
 
@@ -250,7 +251,7 @@ def _mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(mlp) is not Mlp or type(mlp.norm) is not torch.nn.Identity:
         return mlp(x)
     fc1, fc2 = mlp.fc1, mlp.fc2
-    return _linear(_activate(mlp.act, _linear(x, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+    return _linear(activate(mlp.act, _linear(x, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -298,7 +299,7 @@ def _msa(
         n = plan.counts.size
         return attn(tokens.view(n, T // n, D)).view(T, D)
     H, dh = attn.num_heads, attn.head_dim
-    w_qkv, b_qkv = _head_major_qkv(attn.qkv, H, parts=3)  # rows [q_h; k_h; v_h] per head
+    w_qkv, b_qkv = head_major_qkv(attn.qkv, H, parts=3)  # rows [q_h; k_h; v_h] per head
     qkv = _linear(tokens, w_qkv, b_qkv)  # (T, H * 3 * dh)
     if isinstance(attention, PackedAttentionPlan):
         q, k, v = qkv.view(T, H, 3, dh).unbind(2)  # (T, H, dh) each
