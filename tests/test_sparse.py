@@ -134,7 +134,7 @@ def test_sparse_matches_masked_when_the_ffn_runs_in_row_chunks(monkeypatch, chun
         if init_values is not None:
             rows = int((decisions.patch[:, 0] * decisions.block[:, 0, 1:]).sum())  # the FFN rows of block 0
             _, ffn = planning.plan_batch(decisions.patch[:, 0], decisions.head[:, 0], decisions.block[:, 0],
-                                        decisions.patch.shape[2], 9, head_mode)
+                                         decisions.patch.shape[2], 9, head_mode)
             spans = sparse._row_spans(ffn.groups)  # chunks restart where the MSA-only images' rows leave a gap
             assert sum(end - start for start, end in spans) == rows
             assert calls[1:] == [min(chunk_rows, end - s) for start, end in spans

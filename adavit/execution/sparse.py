@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-from . import sparse_accelerator
 from .kernels import (activate, attention, compute_dtype, copy_rows, head_major_qkv, linear_into, normed_rows,
                       transposed_weight)
 from .latency import latency_plan, single_image_block_forward
@@ -408,8 +407,10 @@ def sparse_block_forward(
     if plan is not None:
         return single_image_block_forward(plan, x, x_normed, patch_keep, head_keep, block_keep)
     if runs_accelerator_plan(x.device):
-        return sparse_accelerator.accelerator_block_forward(block, x, x_normed, patch_keep, head_keep, block_keep,
-                                                            head_mode)
+        # Imported here, not at the top: its import (torch's varlen attention) adds about 50 ms to ``import adavit``,
+        # which a CPU never needs.
+        from .sparse_accelerator import accelerator_block_forward
+        return accelerator_block_forward(block, x, x_normed, patch_keep, head_keep, block_keep, head_mode)
     B, N, _ = x.shape
     msa_packing, ffn_packing = plan_batch(patch_keep, head_keep, block_keep, N, B, head_mode)
     flat = x.view(B * N, -1)
