@@ -52,8 +52,12 @@ def test_measure_speed_reports_consistent_ratios():
         # the median's efficiency lies between those of the best and the worst round
         assert r.rounds == 2 and r.efficiency_low <= r.efficiency * (1 + 1e-9)
         assert r.efficiency <= r.efficiency_high * (1 + 1e-9)
+        assert r.efficiency_ci_low <= r.efficiency * (1 + 1e-9) and r.efficiency <= r.efficiency_ci_high * (1 + 1e-9)
+        assert [len(r.dense_rounds_ms), len(r.sparse_rounds_ms), len(r.masked_rounds_ms)] == [2, 2, 2]
+        assert r.sparse_ms == pytest.approx(sum(r.sparse_rounds_ms) / 2)  # the median of two rounds
     table = format_rows(rows).splitlines()
-    assert len(table) == 3 and 'efficiency' in table[0] and 'by round' in table[0]
+    assert len(table) == 3 and 'efficiency' in table[0] and '95% CI' in table[0] and 'by round' in table[0]
+    assert f' {rows[0].efficiency_ci_low:.2f}-{rows[0].efficiency_ci_high:.2f} ' in table[1]
     assert table[1].endswith(f'{rows[0].efficiency_low:.2f}-{rows[0].efficiency_high:.2f}')
 
 
@@ -81,6 +85,24 @@ def test_measure_speed_pairs_dense_and_sparse_round_by_round(monkeypatch):
     assert row.efficiency_low == pytest.approx(1.5 / row.mac_ratio)
     assert row.efficiency_high == pytest.approx(4.0 / row.mac_ratio)
     assert row.rounds == 3
+    assert row.dense_rounds_ms == pytest.approx([2e3, 4e3, 3e3]) and row.masked_rounds_ms == pytest.approx([6e3] * 3)
+    assert (row.efficiency_ci_low, row.efficiency_ci_high) == speed.efficiency_interval([2, 4, 3], [1, 1, 2],
+                                                                                         row.mac_ratio)
+
+
+def test_efficiency_interval_resamples_paired_rounds():
+    # Two rounds: a resample takes round 0 twice (1/4), one of each (1/2) or round 1 twice (1/4); the median of two is
+    # their mean, so the efficiency is 2, 3 or 4, and the 95% interval spans 2 to 4.
+    low, high = speed.efficiency_interval([2.0, 4.0], [1.0, 1.0], mac_ratio=1.0)
+    assert (low, high) == pytest.approx((2.0, 4.0))
+    # Dense and sparse of a round go together: rounds slowed alike leave no doubt about the ratio.
+    assert speed.efficiency_interval([2.0, 4.0, 3.0], [1.0, 2.0, 1.5], mac_ratio=2.0) == pytest.approx((1.0, 1.0))
+    assert speed.efficiency_interval([3.0], [1.0], mac_ratio=1.5) == pytest.approx((2.0, 2.0))  # one round: a point
+    # seeded: the same interval again; wider at a higher level
+    rounds = ([5.0, 6.1, 5.4, 7.9, 5.2], [3.1, 3.0, 3.6, 4.0, 2.9])
+    assert speed.efficiency_interval(*rounds, 1.9) == speed.efficiency_interval(*rounds, 1.9)
+    narrow, wide = speed.efficiency_interval(*rounds, 1.9, level=0.5), speed.efficiency_interval(*rounds, 1.9)
+    assert wide[0] <= narrow[0] < narrow[1] <= wide[1]
 
 
 def test_interleaved_medians_take_turns_on_every_input_and_rotate_who_goes_first():

@@ -35,9 +35,10 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import timm
 import torch
 from torch import nn
@@ -78,11 +79,56 @@ class SpeedRow:
     rounds: int  # timed rounds
     allocator: str = 'default'  # 'glibc pinned' when ``pin_allocator`` took effect
     interleave: str = 'turn'  # how the contenders took turns (``interleaved_times``)
+    # A 95% bootstrap interval of ``efficiency`` over the timed rounds (``efficiency_interval``): how far the median
+    # itself could move on this machine's noise, where ``efficiency_low`` and ``_high`` say how far one round can.
+    efficiency_ci_low: float = float('nan')
+    efficiency_ci_high: float = float('nan')
+    # Each timed round's milliseconds per batch, in round order, whose medians the times above are: for analyses of the
+    # noise that the summary does not show.
+    dense_rounds_ms: List[float] = field(default_factory=list)
+    sparse_rounds_ms: List[float] = field(default_factory=list)
+    masked_rounds_ms: List[float] = field(default_factory=list)
 
     @property
     def efficiency_range(self) -> str:
         """``"0.78-0.83"``: the lowest and highest efficiency of a single round."""
         return f'{self.efficiency_low:.2f}-{self.efficiency_high:.2f}'
+
+    @property
+    def efficiency_ci(self) -> str:
+        """``"0.80-0.86"``: the 95% bootstrap interval of the efficiency."""
+        return f'{self.efficiency_ci_low:.2f}-{self.efficiency_ci_high:.2f}'
+
+
+def efficiency_interval(
+        dense: Sequence[float],
+        sparse: Sequence[float],
+        mac_ratio: float,
+        level: float = 0.95,
+        resamples: int = 4000,
+        seed: int = 0,
+) -> Tuple[float, float]:
+    """A percentile bootstrap interval of the efficiency ``median(dense) / median(sparse) / mac_ratio``.
+
+    The rounds are resampled with replacement, a round's dense and sparse time together (they shared the host's state
+    of that moment), and the efficiency recomputed on each resample; seeded, so a run's JSON can be recomputed.
+
+    Args:
+        dense: Each round's dense time.
+        sparse: The same rounds' sparse times.
+        mac_ratio: Dense MACs over adaptive MACs.
+        level: Coverage of the interval.
+        resamples: Bootstrap resamples.
+        seed: Seed of the resampling.
+
+    Returns:
+        (low, high).
+    """
+    dense_rounds, sparse_rounds = np.asarray(dense, dtype=np.float64), np.asarray(sparse, dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(dense_rounds), size=(resamples, len(dense_rounds)))
+    efficiency = np.median(dense_rounds[picks], axis=1) / np.median(sparse_rounds[picks], axis=1) / mac_ratio
+    low, high = np.quantile(efficiency, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
 
 
 # glibc's mallopt parameters, and the largest mmap threshold it accepts on 64-bit Linux (HEAP_MAX_SIZE / 2).
@@ -349,6 +395,7 @@ def measure_speed(
         dense_g = dense_macs(dense) / 1e9
         mac_ratio = dense_g * 1e9 / adaptive_macs
         round_efficiency = [d / s / mac_ratio for d, s in zip(times['dense'], times['sparse'])]
+        ci_low, ci_high = efficiency_interval(times['dense'], times['sparse'], mac_ratio)
         row = SpeedRow(
             batch_size=batch_size, threads=torch.get_num_threads(), device=str(dev), dtype=dtype,
             dense_ms=med['dense'] * 1e3, dense_fused_ms=path_ms['fused'], dense_matmul_ms=path_ms['matmul'],
@@ -359,7 +406,8 @@ def measure_speed(
             speedup=med['dense'] / med['sparse'], masked_speedup=med['dense'] / med['masked'],
             efficiency=med['dense'] / med['sparse'] / mac_ratio, efficiency_low=min(round_efficiency),
             efficiency_high=max(round_efficiency), rounds=repeats, allocator=allocator,
-            interleave=interleave,
+            interleave=interleave, efficiency_ci_low=ci_low, efficiency_ci_high=ci_high,
+            **{f'{name}_rounds_ms': [t * 1e3 for t in times[name]] for name in ('dense', 'sparse', 'masked')},
         )
         rows.append(row)
         if log is not None:
@@ -434,7 +482,7 @@ _COLUMNS = (
     ('dense ms', 'dense_ms', '{:.1f}'), ('sparse ms', 'sparse_ms', '{:.1f}'), ('GMACs', 'adaptive_gmacs', '{:.3f}'),
     ('dense GMACs', 'dense_gmacs', '{:.3f}'),
     ('MAC ratio', 'mac_ratio', '{:.2f}'), ('speedup', 'speedup', '{:.2f}'), ('masked', 'masked_speedup', '{:.2f}'),
-    ('efficiency', 'efficiency', '{:.2f}'), ('by round', 'efficiency_range', '{}'),
+    ('efficiency', 'efficiency', '{:.2f}'), ('95% CI', 'efficiency_ci', '{}'), ('by round', 'efficiency_range', '{}'),
 )
 
 
