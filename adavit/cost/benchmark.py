@@ -13,7 +13,7 @@ noise. The dense baseline is timm's model at its faster attention path: timm cal
 by default, whose CPU kernel can lose to plain matmuls at short sequences, so both paths are timed and the faster one is
 the baseline (a deployer would pick it too). The two paths race in rounds of their own first (``dense_attention_path``),
 and the chosen one then takes its turns with the sparse and the masked executor: the smaller of two medians from the
-same rounds reads low where the paths run close, as they do for DeiT-S at 224 (1-9% apart): resampling 22 rounds of
+same rounds reads low where the paths run close, as they do for DeiT-S at 224 (0.5-18% apart): resampling 22 rounds of
 both (batch 1, 2 threads, Intel Xeon) into halves of 11, it read 2.2% under a median from other rounds when they tied,
 1.2% at 3% apart, 0.7% at 5%, and the efficiency read as much too low. Decisions are frozen per input (the random
 policy is reseeded before each call), so the MACs quoted are exactly those of the timed runs.
