@@ -545,3 +545,44 @@ def test_dense_attention_path_picks_the_faster_path_in_rounds_of_its_own(monkeyp
     with torch.inference_mode():
         assert speed.dense_attention_path(dense, inputs, torch.device('cpu'), 0, 1)[0] == 'matmul'
     assert seen[-1][3] == 1  # one round at least
+
+
+def _benchmark_json(path, dense, sparse, mac_ratio=1.0, decisions='gates', batch_size=1):
+    """A file as ``adavit benchmark --json`` writes it, with only what ``pool_runs`` reads."""
+    row = {'batch_size': batch_size, 'threads': 2, 'device': 'cpu', 'dtype': 'fp32', 'mac_ratio': mac_ratio,
+           'efficiency': 0.0, 'efficiency_ci_low': 0.0, 'efficiency_ci_high': 0.0,
+           'dense_rounds_ms': dense, 'sparse_rounds_ms': sparse}
+    result = {'model': 'm', 'decisions': decisions, 'keep': [0.7, 0.7, 0.9], 'inputs': 'gaussian noise',
+              'machine': {'cpu': 'x'}, 'rows': [row]}
+    path.write_text(json.dumps(result))
+    return str(path)
+
+
+def test_pool_runs_pools_rounds_and_resamples_runs_then_rounds(tmp_path, capsys):
+    script = load_benchmark_script('pool_runs')
+    # Two runs at efficiency 1 and 2: the pooled medians give 1.5; a resample draws both runs (1/2), the first twice
+    # (1/4, efficiency 1) or the second twice (1/4, efficiency 2), so the interval spans 1 to 2. Rounds alone, taken
+    # as independent, would give a narrower one.
+    assert script.pooled_efficiency([([1, 1, 1], [1, 1, 1]), ([2, 2, 2], [1, 1, 1])], 1.0) == \
+        pytest.approx((1.5, 1.0, 2.0))
+    # runs that agree leave no doubt, whatever their speed
+    assert script.pooled_efficiency([([2, 2], [1, 1]), ([4, 4], [2, 2])], 2.0) == pytest.approx((1.0, 1.0, 1.0))
+    paths = [_benchmark_json(tmp_path / f'run{i}.json', [10.0 * (i + 1)] * 3, [5.0, 5.0, 5.0], mac_ratio=2.0)
+             for i in range(2)]
+    result = script.main(paths + ['--batch-size', '1', '--json', str(tmp_path / 'pooled.json')])
+    assert result['rounds'] == 6 and result['efficiency'] == pytest.approx(1.5)  # median 15 / 5 / 2
+    assert (result['efficiency_ci_low'], result['efficiency_ci_high']) == pytest.approx((1.0, 2.0))
+    assert json.loads((tmp_path / 'pooled.json').read_text())['efficiency'] == pytest.approx(1.5)
+    assert 'pooled, 2 runs' in capsys.readouterr().out
+
+
+def test_pool_runs_refuses_runs_it_cannot_pool_in_one_line(tmp_path):
+    script = load_benchmark_script('pool_runs')
+    gates = _benchmark_json(tmp_path / 'gates.json', [2.0], [1.0])
+    for path, says in ((_benchmark_json(tmp_path / 'random.json', [2.0], [1.0], decisions='random'), 'in decisions'),
+                       (_benchmark_json(tmp_path / 'old.json', [], []), 'keeps no timed rounds'),
+                       (_benchmark_json(tmp_path / 'b64.json', [2.0], [1.0], batch_size=64), 'no row at batch size 1'),
+                       (str(tmp_path / 'missing.json'), 'cannot read')):
+        with pytest.raises(SystemExit, match=says) as error:
+            script.load_runs([gates, path], batch_size=1)
+        assert '\n' not in str(error.value)
