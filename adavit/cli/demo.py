@@ -4,7 +4,7 @@ evaluate it against the backbone and the Random / Random+ baselines, time the sp
 
 Examples::
 
-    adavit demo                                           # about 6 minutes on 2 CPU cores
+    adavit demo                                           # 6-9 minutes on 2 CPU cores
     adavit demo --max-steps 50 --eval-subset 2000         # a quick look
     adavit demo --backbone /tmp/tiny.pt --output /tmp/demo --subset 256 --eval-subset 200
 
